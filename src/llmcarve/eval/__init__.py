@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, multiple-choice tasks, parameter/FLOP accounting, speed."""

@@ -1,0 +1,1 @@
+"""Model families (adapters), loading any model source, and (later) the carved model classes."""

@@ -1,0 +1,231 @@
+"""Typed schema of params.yaml, validated before any compute.
+
+Every stage calls `load_params(path, section=...)` first: a wrong key, type or value is reported with
+its dotted path, the value given and what is allowed, and nothing is loaded or written.
+
+Convention used everywhere: a ratio named `kept` or `p` is the KEPT fraction of attention+MLP
+parameters (0.7 keeps 70%), never the pruned fraction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODELS = ("embedded:smollm2-135m-instruct",)
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid; the message lists every problem and what is allowed."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors, not silently ignored: a typo must never fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelParams(Section):
+    source: str = Field(
+        EMBEDDED_MODELS[0],
+        description="'embedded:smollm2-135m-instruct', a Hugging Face hub id, a local HF directory or a .gguf file",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("source")
+    @classmethod
+    def _source_is_usable(cls, value: str) -> str:
+        if value.startswith("embedded:") and value not in EMBEDDED_MODELS:
+            raise ValueError(f"unknown embedded model; allowed: {', '.join(EMBEDDED_MODELS)}")
+        looks_like_path = value.startswith(("/", ".", "~")) or value.endswith(".gguf")
+        if looks_like_path and not Path(value).expanduser().exists():
+            raise ValueError("path does not exist (give an existing HF directory or .gguf file)")
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class SourceSpec(Section):
+    """One named corpus: a registry-package builtin, or a local file / HF dataset with a column mapping."""
+
+    builtin: str | None = Field(None, description="name of a corpus built from an installed package")
+    path: str | None = Field(None, description="local .jsonl, .parquet, .arrow file or a save_to_disk directory")
+    hf_id: str | None = Field(None, description="Hugging Face dataset id (needs network)")
+    hf_config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    group_column: str | None = Field(None, description="documents sharing this value never land in two splits")
+    max_documents: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_origin(self) -> "SourceSpec":
+        given = [k for k in ("builtin", "path", "hf_id") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of builtin, path, hf_id (got {given or 'none'})")
+        if self.builtin is not None:
+            from llmcarve.data.sources import BUILTIN_SOURCES
+
+            if self.builtin not in BUILTIN_SOURCES:
+                raise ValueError(f"unknown builtin '{self.builtin}'; allowed: {', '.join(sorted(BUILTIN_SOURCES))}")
+        if self.path is not None and not Path(self.path).expanduser().exists():
+            raise ValueError(f"path '{self.path}' does not exist")
+        return self
+
+
+class DomainSpec(Section):
+    train: list[str] = Field(..., min_length=1, description="source names whose documents are split train/heldout")
+    heldout: list[str] = Field(default_factory=list, description="source names held out whole (never trained on)")
+    heldout_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    max_train_tokens: Annotated[int, Field(gt=0)] | None = None
+
+
+class DataParams(Section):
+    block_size: Annotated[int, Field(ge=8, le=32768)] = 512
+    sources: dict[str, SourceSpec]
+    domains: dict[str, DomainSpec]
+
+    @model_validator(mode="after")
+    def _domains_name_known_sources(self) -> "DataParams":
+        for domain, spec in self.domains.items():
+            for name in [*spec.train, *spec.heldout]:
+                if name not in self.sources:
+                    raise ValueError(
+                        f"domains.{domain} names source '{name}', which is not under data.sources "
+                        f"(known: {', '.join(sorted(self.sources))})"
+                    )
+            overlap = set(spec.train) & set(spec.heldout)
+            if overlap:
+                raise ValueError(f"domains.{domain}: {sorted(overlap)} is both train and heldout")
+        return self
+
+
+class CalibrateParams(Section):
+    domain: str = "general"
+    num_blocks: Annotated[int, Field(gt=0)] = 32
+    batch_size: Annotated[int, Field(gt=0)] = 4
+
+
+class PerplexityParams(Section):
+    seq_len: Annotated[int, Field(ge=8)] = 512
+    stride: Annotated[int, Field(ge=1)] | None = Field(None, description="None = seq_len (non-overlapping windows)")
+    max_windows: Annotated[int, Field(gt=0)] | None = 64
+    add_bos: bool = False
+    corpora: dict[str, str] = Field(
+        default_factory=lambda: {"boolq_wikipedia": "general/heldout"},
+        description="metric name -> '<domain>/<split>' of prepare_data's output",
+    )
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> "PerplexityParams":
+        if self.stride is not None and self.stride > self.seq_len:
+            raise ValueError(f"stride {self.stride} > seq_len {self.seq_len} would skip tokens; use stride <= seq_len")
+        for name, where in self.corpora.items():
+            if where.count("/") != 1 or where.split("/")[1] not in ("train", "heldout"):
+                raise ValueError(f"corpora.{name}: '{where}' must look like '<domain>/train' or '<domain>/heldout'")
+        return self
+
+
+class TaskSpec(Section):
+    """A multiple-choice task: a builtin, or any file with a prompt template."""
+
+    builtin: str | None = None
+    path: str | None = Field(None, description="jsonl/parquet/arrow file or save_to_disk dir")
+    context_template: str | None = Field(None, description="e.g. 'Question: {question}\\nAnswer:'")
+    choices_field: str | None = Field(None, description="column holding the list of answer strings")
+    label_field: str | None = Field(None, description="column holding the index of the gold answer")
+    choice_prefix: str = " "
+    limit: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _builtin_or_full_template(self) -> "TaskSpec":
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError("give exactly one of builtin, path")
+        if self.builtin is not None:
+            from llmcarve.eval.tasks import BUILTIN_TASKS
+
+            if self.builtin not in BUILTIN_TASKS:
+                raise ValueError(f"unknown builtin task '{self.builtin}'; allowed: {', '.join(sorted(BUILTIN_TASKS))}")
+        else:
+            missing = [k for k in ("context_template", "choices_field", "label_field") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a path task needs {missing}")
+            if not Path(self.path).expanduser().exists():
+                raise ValueError(f"path '{self.path}' does not exist")
+        return self
+
+
+class SpeedParams(Section):
+    prefill_tokens: Annotated[int, Field(gt=0)] = 512
+    decode_tokens: Annotated[int, Field(gt=0)] = 32
+    repeats: Annotated[int, Field(gt=0)] = 3
+
+
+class EvaluateParams(Section):
+    models: list[str] = Field(default_factory=lambda: ["dense"], min_length=1)
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    perplexity: PerplexityParams = Field(default_factory=PerplexityParams)
+    zero_shot: dict[str, TaskSpec] = Field(default_factory=dict)
+    zero_shot_limit: Annotated[int, Field(gt=0)] | None = 200
+    domain_tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+    domain_limit: Annotated[int, Field(gt=0)] | None = 100
+    speed: SpeedParams = Field(default_factory=SpeedParams)
+
+    @field_validator("models")
+    @classmethod
+    def _known_model_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name != "dense":
+                raise ValueError(f"'{name}' is not produced by any stage yet; allowed: dense")
+        return names
+
+
+class Params(Section):
+    seed: int = 0
+    model: ModelParams = Field(default_factory=ModelParams)
+    data: DataParams
+    calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+    @model_validator(mode="after")
+    def _cross_section_names(self) -> "Params":
+        domains = self.data.domains
+        if self.calibrate.domain not in domains:
+            raise ValueError(f"calibrate.domain '{self.calibrate.domain}' is not under data.domains ({', '.join(domains)})")
+        for name, where in self.evaluate.perplexity.corpora.items():
+            if where.split("/")[0] not in domains:
+                raise ValueError(f"evaluate.perplexity.corpora.{name}: domain of '{where}' is not under data.domains")
+        return self
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; see params.yaml for the allowed keys)"
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    return f"  {where} = {shown}: {message}"
+
+
+def validate(raw: Any, source: str = "params") -> Params:
+    """Validate a parsed params mapping; raise ParamsError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ParamsError(f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: file not found (run from the project root or pass the params file)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return validate(raw, str(path))
