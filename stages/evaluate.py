@@ -11,11 +11,12 @@ import csv
 import time
 from pathlib import Path
 
+from llmcarve.data.documents import Document
 from llmcarve.data.packing import join_for_perplexity
 from llmcarve.eval.accounting import parameter_report
 from llmcarve.eval.multiple_choice import score_questions
 from llmcarve.eval.perplexity import Protocol, perplexity
-from llmcarve.eval.plots import plot_evaluation
+from llmcarve.eval.plots import plot_evaluation, plot_perplexity_vs_active
 from llmcarve.eval.speed import measure_speed
 from llmcarve.eval.tasks import load_task, select
 from llmcarve.io import read_jsonl, write_json
@@ -24,13 +25,17 @@ from llmcarve.params import EvaluateParams, Params, TaskSpec
 from llmcarve.tracking import stage_run
 from stages.common import ARTIFACTS, METRICS, PLOTS, main
 
-MODEL_DIRS = {"dense": ARTIFACTS / "model"}
+
+
+def model_dir(name: str) -> Path:
+    """dense is the prepared model; every carved model is a directory written by the remove stage."""
+    return ARTIFACTS / "model" if name == "dense" else ARTIFACTS / "remove" / name
 
 
 def corpus_tokens(tokenizer, where: str) -> list[int]:
     domain, split = where.split("/")
-    documents = read_jsonl(ARTIFACTS / "data" / domain / f"{split}.jsonl")
-    return tokenizer(join_for_perplexity([d["text"] for d in documents]), add_special_tokens=False).input_ids
+    documents = [Document(**row) for row in read_jsonl(ARTIFACTS / "data" / domain / f"{split}.jsonl")]
+    return tokenizer(join_for_perplexity(documents), add_special_tokens=False).input_ids
 
 
 def score_tasks(model, tokenizer, tasks: dict[str, TaskSpec], default_limit: int | None, section: EvaluateParams, seed: int) -> dict:
@@ -66,17 +71,20 @@ def write_plot_data(models: dict) -> None:
             for task, scores in {**report["zero_shot"], **report["domain"]}.items():
                 writer.writerow([name, task, f"{scores['acc']:.4f}", f"{scores['acc_norm']:.4f}"])
     plot_evaluation(models, PLOTS / "evaluate.png")
+    first_corpus = next(iter(next(iter(models.values()))["ppl"]))
+    plot_perplexity_vs_active(models, first_corpus, PLOTS / "perplexity_vs_active.png")
 
 
 def run(params: Params) -> None:
     section = params.evaluate
     with stage_run("evaluate", {"evaluate": section.model_dump(), "seed": params.seed}) as tracker:
         start = time.perf_counter()
-        models = {name: evaluate_model(MODEL_DIRS[name], section, params.seed) for name in section.models}
+        models = {name: evaluate_model(model_dir(name), section, params.seed) for name in section.models}
         write_json(METRICS / "evaluate.json", {"models": models, "seconds": time.perf_counter() - start})
         write_plot_data(models)
         tracker.log_metrics({"models": models})
         tracker.log_artifact(PLOTS / "evaluate.png")
+        tracker.log_artifact(PLOTS / "perplexity_vs_active.png")
 
 
 if __name__ == "__main__":

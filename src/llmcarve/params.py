@@ -107,6 +107,36 @@ class CalibrateParams(Section):
     batch_size: Annotated[int, Field(gt=0)] = 4
 
 
+Kept = Annotated[float, Field(gt=0.0, le=1.0, description="KEPT fraction of attention+MLP weights, in (0, 1]")]
+
+
+class ToMoEParams(Section):
+    """Dynamic structural pruning into a top-1 MoE (see llmcarve.methods.tomoe)."""
+
+    budgets: list[Kept] = Field(default_factory=lambda: [0.5, 0.7], min_length=1)
+    domain: str = "general"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seq_len: Annotated[int, Field(ge=8)] = 512
+    num_experts: Annotated[int, Field(ge=1, le=64)] = 8
+    steps: Annotated[int, Field(gt=0)] = 200
+    batch_size: Annotated[int, Field(gt=0)] = 1
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    temperature: Annotated[float, Field(gt=0)] = 0.4
+    offset: float = 3.0
+    lam: Annotated[float, Field(ge=0)] = 16.0
+    alpha_union: Annotated[float, Field(ge=0)] = 3.0
+    alpha_balance: Annotated[float, Field(ge=0)] = 1.0
+    kd_weight: Annotated[float, Field(ge=0)] = 2.0
+    checkpoint_every: Annotated[int, Field(gt=0)] = 50
+
+
+class StaticParams(Section):
+    """Static structured pruning from calibration statistics, the baseline at the same budgets."""
+
+    budgets: list[Kept] = Field(default_factory=lambda: [0.5, 0.7], min_length=1)
+
+
 class PerplexityParams(Section):
     seq_len: Annotated[int, Field(ge=8)] = 512
     stride: Annotated[int, Field(ge=1)] | None = Field(None, description="None = seq_len (non-overlapping windows)")
@@ -172,13 +202,6 @@ class EvaluateParams(Section):
     domain_limit: Annotated[int, Field(gt=0)] | None = 100
     speed: SpeedParams = Field(default_factory=SpeedParams)
 
-    @field_validator("models")
-    @classmethod
-    def _known_model_names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if name != "dense":
-                raise ValueError(f"'{name}' is not produced by any stage yet; allowed: dense")
-        return names
 
 
 class Params(Section):
@@ -186,13 +209,31 @@ class Params(Section):
     model: ModelParams = Field(default_factory=ModelParams)
     data: DataParams
     calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
+    tomoe: ToMoEParams = Field(default_factory=ToMoEParams)
+    static: StaticParams = Field(default_factory=StaticParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+    def carved_model_names(self) -> list[str]:
+        """Names of the models the pipeline produces, as evaluate.models may list them."""
+        return (
+            ["dense"]
+            + [f"tomoe@{p:g}" for p in self.tomoe.budgets]
+            + [f"static@{p:g}" for p in self.static.budgets]
+        )
 
     @model_validator(mode="after")
     def _cross_section_names(self) -> "Params":
         domains = self.data.domains
         if self.calibrate.domain not in domains:
             raise ValueError(f"calibrate.domain '{self.calibrate.domain}' is not under data.domains ({', '.join(domains)})")
+        if self.tomoe.domain not in domains:
+            raise ValueError(f"tomoe.domain '{self.tomoe.domain}' is not under data.domains ({', '.join(domains)})")
+        if self.tomoe.seq_len > self.data.block_size:
+            raise ValueError(f"tomoe.seq_len {self.tomoe.seq_len} is longer than data.block_size {self.data.block_size}")
+        produced = self.carved_model_names()
+        for name in self.evaluate.models:
+            if name not in produced:
+                raise ValueError(f"evaluate.models: '{name}' is not produced by this params file; allowed: {', '.join(produced)}")
         for name, where in self.evaluate.perplexity.corpora.items():
             if where.split("/")[0] not in domains:
                 raise ValueError(f"evaluate.perplexity.corpora.{name}: domain of '{where}' is not under data.domains")
@@ -200,8 +241,10 @@ class Params(Section):
 
 
 def _describe(error: dict[str, Any]) -> str:
-    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # a check across sections: its message already names the keys involved
+        return f"  {message}"
+    where = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         message = "unknown key (check the spelling; see params.yaml for the allowed keys)"
     value = error.get("input")

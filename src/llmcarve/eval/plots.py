@@ -32,3 +32,28 @@ def plot_evaluation(models: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def method_of(name: str) -> str:
+    """'tomoe@0.5' -> 'tomoe', 'atp-medical@0.6' -> 'atp-medical', 'dense' -> 'dense'."""
+    return name.split("@")[0]
+
+
+def plot_perplexity_vs_active(models: dict, corpus: str, path: Path) -> None:
+    """Held-out perplexity against the kept fraction of attention+MLP weights, one line per method."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods: dict[str, list[tuple[float, float]]] = {}
+    for name, report in models.items():
+        if corpus in report["ppl"]:
+            methods.setdefault(method_of(name), []).append((report["active_ratio"], report["ppl"][corpus]["ppl"]))
+    for method, points in sorted(methods.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=method)
+    ax.set_xlabel("active attention+MLP weights per token (fraction of dense)")
+    ax.set_ylabel(f"perplexity ({corpus})")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Carving methods: ToMoE, ATP and the baselines they are compared against."""

@@ -1,0 +1,40 @@
+"""Hard straight-through Gumbel masks: the forward pass is binary, the backward pass is smooth."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def logistic_noise(shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
+    # The difference of two Gumbel(0, 1) samples is Logistic(0, 1): the correct noise for a binary
+    # concrete (Gumbel-sigmoid) relaxation. (The official code adds a single Gumbel sample, which
+    # biases every mask logit by +0.577; the +3 offset hides it but we do not copy it.)
+    uniform = torch.rand(shape, generator=generator, device=device, dtype=dtype).clamp_(1e-6, 1 - 1e-6)
+    return uniform.log() - torch.log1p(-uniform)
+
+
+def hard_sigmoid_mask(logits: torch.Tensor, temperature: float, offset: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Binary mask in the forward pass; gradient of sigmoid((logits + noise + offset) / T).
+
+    `offset` starts training near all-ones (sigmoid(3 / 0.4) ~ 0.9995), so the student begins as the
+    dense teacher. With generator=None there is no noise: the mask is exactly (logits + offset > 0),
+    which is what conversion and deterministic evaluation use.
+    """
+    shifted = logits + offset
+    if generator is not None:
+        shifted = shifted + logistic_noise(logits.shape, generator, logits.device, logits.dtype)
+    soft = torch.sigmoid(shifted / temperature)
+    hard = (shifted > 0).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+def hard_gumbel_one_hot(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 routing: (one-hot in the forward pass with softmax gradients, the soft probabilities)."""
+    noisy = logits
+    if generator is not None:
+        uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype).clamp_(1e-6, 1 - 1e-6)
+        noisy = logits - torch.log(-torch.log(uniform))
+    soft = F.softmax(noisy / temperature, dim=-1)
+    hard = F.one_hot(noisy.argmax(-1), logits.shape[-1]).to(soft.dtype)
+    return hard + soft - soft.detach(), soft

@@ -1,0 +1,106 @@
+"""The params schema refuses bad input with the key, the value and what is allowed."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmcarve.cli import main as cli_main
+from llmcarve.params import ParamsError, load_params, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_shipped_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.source == "embedded:smollm2-135m-instruct"
+    assert params.evaluate.perplexity.corpora["boolq_wikipedia"] == "general/heldout"
+
+
+def with_change(path: str, value):
+    raw = copy.deepcopy(SHIPPED)
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+DELETE = object()
+
+BAD_INPUTS = [
+    # (dotted key, bad value, words the message must contain)
+    ("modle", {}, ["modle", "unknown key"]),
+    ("seed", "zero", ["seed", "'zero'", "integer"]),
+    ("model.source", "embedded:gpt5", ["model.source", "embedded:gpt5", "embedded:smollm2-135m-instruct"]),
+    ("model.source", "/no/such/dir", ["model.source", "/no/such/dir", "does not exist"]),
+    ("model.dtype", "int4", ["model.dtype", "int4", "float32"]),
+    ("data.block_size", 4, ["data.block_size", "4", "greater than or equal to 8"]),
+    ("data.sources.squad_wikipedia", {"builtin": "squad_v9"}, ["squad_v9", "allowed", "squad_wikipedia_paragraphs"]),
+    ("data.sources.squad_wikipedia", {"builtin": "squad_wikipedia_paragraphs", "path": "x.jsonl"}, ["exactly one of builtin, path, hf_id"]),
+    ("data.sources.squad_wikipedia", {"path": "/no/file.jsonl"}, ["/no/file.jsonl", "does not exist"]),
+    ("data.domains.general.train", ["wikipedia"], ["wikipedia", "not under data.sources"]),
+    ("data.domains.general.train", [], ["data.domains.general.train", "at least 1"]),
+    ("data.domains.legal.heldout_fraction", 1.5, ["heldout_fraction", "1.5", "less than 1"]),
+    ("calibrate.domain", "finance", ["calibrate.domain", "finance", "not under data.domains"]),
+    ("calibrate.num_blocks", 0, ["calibrate.num_blocks", "greater than 0"]),
+    ("evaluate.models", ["tomoe@0.6"], ["evaluate.models", "tomoe@0.6", "allowed: dense, tomoe@0.5"]),
+    ("evaluate.perplexity.stride", 1024, ["stride 1024 > seq_len 512"]),
+    ("evaluate.perplexity.corpora", {"x": "general"}, ["'general'", "<domain>/heldout"]),
+    ("evaluate.zero_shot.arc_easy", {"builtin": "arc_medium"}, ["arc_medium", "allowed", "arc_easy"]),
+    ("evaluate.zero_shot.arc_easy", {"path": "tests/__init__.py"}, ["a path task needs", "context_template"]),
+    ("evaluate.zero_shot_limit", -1, ["zero_shot_limit", "greater than 0"]),
+]
+
+
+@pytest.mark.parametrize("key,value,words", BAD_INPUTS, ids=[f"{k}={v!r}"[:60] for k, v, _ in BAD_INPUTS])
+def test_bad_value_is_refused_with_key_value_and_allowed(key, value, words):
+    with pytest.raises(ParamsError) as error:
+        validate(with_change(key, value))
+    message = str(error.value)
+    for word in words:
+        assert word in message, f"{word!r} missing from: {message}"
+
+
+def test_every_problem_is_reported_at_once():
+    raw = with_change("seed", "zero")
+    raw["calibrate"]["num_blocks"] = 0
+    with pytest.raises(ParamsError, match="2 problem"):
+        validate(raw)
+
+
+def test_check_params_command(tmp_path, capsys):
+    assert cli_main(["check-params", str(ROOT / "params.yaml")]) == 0
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(with_change("model.dtype", "int4")))
+    assert cli_main(["check-params", str(bad)]) == 1
+    assert "model.dtype = 'int4'" in capsys.readouterr().err
+
+
+def test_stage_refuses_bad_params_before_writing_anything(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(with_change("calibrate.num_blocks", 0)))
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.calibrate", "--params", str(bad)], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode != 0
+    assert "calibrate.num_blocks = 0" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(broken)

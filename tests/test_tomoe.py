@@ -1,0 +1,107 @@
+"""ToMoE training on tiny models: budget, resume, teacher pass, loss terms, numerical faults."""
+
+import pytest
+import torch
+
+from llmcarve.methods.tomoe import losses
+from llmcarve.methods.tomoe.hypernetwork import ToMoEHeads
+from llmcarve.methods.tomoe.masking import MaskSettings, ToMoEMasker, cap_top_k
+from llmcarve.methods.tomoe.trainer import NonFiniteLossError, ToMoEConfig, train_tomoe
+from llmcarve.models.adapters import Geometry
+from tests.tiny import tiny_llama, tiny_qwen2
+
+BLOCKS = torch.randint(3, 250, (16, 24), generator=torch.Generator().manual_seed(0))
+FAST = dict(steps=120, lr=2e-2, checkpoint_every=40, num_experts=4)
+
+
+def deterministic_ratio(model, result) -> float:
+    from llmcarve.methods.tomoe.budget import active_ratio
+
+    masker = ToMoEMasker(model, result.heads, MaskSettings(v_topk=result.v_topk)).attach()
+    with torch.no_grad():
+        masker.step(None)
+        model(input_ids=BLOCKS[:4])
+        ratio = active_ratio(masker.geometry, masker.layers).item()
+    masker.detach()
+    return ratio
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_llama(gqa=True), tiny_qwen2], ids=["llama-gqa", "qwen2"])
+def test_training_drives_the_active_ratio_to_the_budget(build, tmp_path):
+    model = build()
+    result = train_tomoe(model, BLOCKS, ToMoEConfig(p=0.5, **FAST), tmp_path)
+    assert result.history[0]["ratio"] > 0.95, "training must start (nearly) dense"
+    assert abs(result.history[-1]["ratio"] - 0.5) < 0.06
+    assert abs(deterministic_ratio(model, result) - 0.5) < 0.1
+
+
+def test_resume_after_interruption_gives_the_same_heads(tmp_path):
+    config = ToMoEConfig(p=0.6, steps=20, checkpoint_every=5, lr=1e-2, num_experts=4)
+    straight = train_tomoe(tiny_llama(), BLOCKS, config, tmp_path / "straight")
+    # "killed" after 7 steps: the checkpoint holds step 5; steps 5 and 6 are replayed on resume
+    train_tomoe(tiny_llama(), BLOCKS, config, tmp_path / "resumed", stop_after=7)
+    resumed = train_tomoe(tiny_llama(), BLOCKS, config, tmp_path / "resumed")
+    assert resumed.history[0]["step"] == 5
+    for name, value in straight.heads.state_dict().items():
+        assert torch.equal(value, resumed.heads.state_dict()[name]), name
+    assert straight.v_topk == resumed.v_topk
+
+
+def test_teacher_pass_and_fresh_heads_leave_the_model_unchanged():
+    model = tiny_llama(gqa=True)
+    with torch.no_grad():
+        plain = model(input_ids=BLOCKS[:2]).logits
+    masker = ToMoEMasker(model, ToMoEHeads(Geometry.from_config(model.config), 4), MaskSettings()).attach()
+    with torch.no_grad():
+        masker.step(None)
+        with masker.disabled():
+            assert torch.equal(model(input_ids=BLOCKS[:2]).logits, plain)
+        # the +3 offset starts every mask at one, so the deterministic student is the teacher
+        torch.testing.assert_close(model(input_ids=BLOCKS[:2]).logits, plain)
+    masker.detach()
+
+
+def test_masks_act_where_they_should():
+    model = tiny_llama(gqa=True)
+    heads = ToMoEHeads(Geometry.from_config(model.config), 4)
+    masker = ToMoEMasker(model, heads, MaskSettings()).attach()
+    with torch.no_grad():
+        heads.attention[0].decoder.linear.weight.zero_()
+        heads.attention[0].decoder.linear.weight[8 + 1].fill_(-100.0)  # Q/K pair 1 -> dims 1 and 5 off
+        captured = {}
+        model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda _m, _i, out: captured.setdefault("k", out))
+        masker.step(None)
+        model(input_ids=BLOCKS[:1])
+    k = captured["k"].view(1, 24, 2, 8)
+    assert (k[..., [1, 5]] == 0).all() and (k[..., [0, 2, 3, 4, 6, 7]] != 0).all()
+    masker.detach()
+
+
+def test_loss_terms():
+    assert losses.union_coverage(torch.tensor([[1.0, 0.0], [0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.union_coverage(torch.tensor([[1.0, 0.0], [1.0, 0.0]])).item() > 0.6
+    uniform = torch.eye(4).repeat(5, 1)
+    assert losses.load_balance(uniform).item() == pytest.approx(0.25)
+    assert losses.load_balance(torch.eye(4)[[0] * 20]).item() == pytest.approx(1.0)
+    assert losses.log_ratio_penalty(torch.tensor(0.5), 0.5).item() == pytest.approx(0.0)
+    # two-sided: halving and doubling cost the same (up to the tiny c that keeps the log finite)
+    assert losses.log_ratio_penalty(torch.tensor(0.25), 0.5).item() == pytest.approx(losses.log_ratio_penalty(torch.tensor(1.0), 0.5).item(), abs=2e-3)
+    logits = torch.randn(3, 7)
+    assert losses.distillation(logits, logits) <= losses.distillation(torch.randn(3, 7), logits)
+
+
+def test_top_k_cap_keeps_the_largest_kept_logits():
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    logits = torch.tensor([[0.5, 2.0, 9.0, 1.0]])
+    assert cap_top_k(mask, logits, 2).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+
+
+def test_nan_loss_stops_with_step_and_part_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    config = ToMoEConfig(p=0.5, steps=6, checkpoint_every=2, num_experts=4)
+    train_tomoe(tiny_llama(), BLOCKS, config, tmp_path, stop_after=2)
+    saved = (tmp_path / "checkpoint.safetensors").read_bytes()
+    real = losses.distillation
+    monkeypatch.setattr(losses, "distillation", lambda s, t: real(s, t) * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="'kd' is nan at step 2"):
+        train_tomoe(tiny_llama(), BLOCKS, config, tmp_path)
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == saved
