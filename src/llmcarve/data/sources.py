@@ -372,7 +372,7 @@ def _prose(topic_text: str) -> str:
 
 def _looks_like_code(paragraph: str) -> bool:
     lines = [line for line in paragraph.split("\n") if line.strip()]
-    if lines[0].lstrip().startswith(_NON_PROSE_OPENINGS):  # ... or a grammar rule
+    if lines[0].lstrip().startswith(_NON_PROSE_OPENINGS) or "::=" in paragraph:  # ... or a grammar rule
         return True
     # Code examples are always indented blocks. Indented prose (list items, notes) reads as plain
     # words; code opens indented suites or is mostly identifiers and symbols.
