@@ -13,7 +13,7 @@ from llmcarve.models.loading import materialize
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
-STAGES = ["prepare_model", "prepare_data", "calibrate", "evaluate"]
+STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "remove", "evaluate"]
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +31,8 @@ def tiny_params(model_dir: Path) -> dict:
     sources["boolq_wikipedia"]["max_documents"] = 40
     params["data"]["domains"] = {"general": {"train": ["squad_wikipedia"], "heldout": ["boolq_wikipedia"], "heldout_fraction": 0.0}}
     params["calibrate"] = {"domain": "general", "num_blocks": 4, "batch_size": 2}
+    params["tomoe"].update(budgets=[0.5], seq_len=32, steps=4, num_experts=4, checkpoint_every=2)
+    params["static"] = {"budgets": [0.5]}
     evaluate = params["evaluate"]
     evaluate["perplexity"] = {"seq_len": 512, "max_windows": 3, "corpora": {"boolq_wikipedia": "general/heldout"}}
     evaluate["zero_shot"] = {"arc_easy": {"builtin": "arc_easy"}, "boolq": {"builtin": "boolq"}}
@@ -38,6 +40,7 @@ def tiny_params(model_dir: Path) -> dict:
     evaluate["domain_tasks"] = {"medqa": {"builtin": "medqa"}}
     evaluate["domain_limit"] = 4
     evaluate["speed"] = {"prefill_tokens": 32, "decode_tokens": 4, "repeats": 1}
+    evaluate["models"] = ["dense", "tomoe@0.5", "static@0.5"]
     return params
 
 
@@ -78,7 +81,8 @@ def mlflow_runs(work: Path):
 @pytest.mark.slow
 def test_dvc_repro_end_to_end(workspace):
     repro(workspace)
-    report = json.loads((workspace / "metrics" / "evaluate.json").read_text())["models"]["dense"]
+    models = json.loads((workspace / "metrics" / "evaluate.json").read_text())["models"]
+    report = models["dense"]
     assert report["params_total"] == 134_515_008
     assert report["active_ratio"] == 1.0
     # a real model on real Wikipedia text: near the reference 21 (3 windows only, so a wide band);
@@ -90,6 +94,12 @@ def test_dvc_repro_end_to_end(workspace):
     assert report["domain"]["medqa"]["n"] == 4
     assert report["speed"]["prefill_tokens_per_s"] > 0 and report["speed"]["decode_tokens_per_s"] > 0
     assert (workspace / "plots" / "evaluate.png").stat().st_size > 1000
+    assert (workspace / "plots" / "perplexity_vs_active.png").stat().st_size > 1000
+    # the carved models load with from_pretrained and are measured, not assumed
+    assert models["static@0.5"]["active_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert models["static@0.5"]["params_total"] < report["params_total"]
+    assert 0 < models["tomoe@0.5"]["active_ratio"] <= 1.0
+    assert (workspace / "artifacts" / "remove" / "tomoe@0.5" / "config.json").exists()
     assert (workspace / "artifacts" / "calibration" / "stats.safetensors").exists()
     manifest = json.loads((workspace / "artifacts" / "data" / "manifest.json").read_text())
     assert manifest["domains"]["general"]["heldout"]["documents"] == 40

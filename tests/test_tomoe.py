@@ -11,7 +11,7 @@ from llmcarve.models.adapters import Geometry
 from tests.tiny import tiny_llama, tiny_qwen2
 
 BLOCKS = torch.randint(3, 250, (16, 24), generator=torch.Generator().manual_seed(0))
-FAST = dict(steps=120, lr=2e-2, checkpoint_every=40, num_experts=4)
+FAST = dict(steps=60, lr=2e-2, checkpoint_every=30, num_experts=4)
 
 
 def deterministic_ratio(model, result) -> float:
@@ -105,3 +105,34 @@ def test_nan_loss_stops_with_step_and_part_and_keeps_the_checkpoint(tmp_path, mo
     with pytest.raises(NonFiniteLossError, match="'kd' is nan at step 2"):
         train_tomoe(tiny_llama(), BLOCKS, config, tmp_path)
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == saved
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_llama(), lambda: tiny_llama(gqa=True), tiny_qwen2], ids=["llama-mha", "llama-gqa", "qwen2"])
+def test_train_convert_save_load_keeps_the_masked_logits(build, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmcarve.eval.accounting import parameter_report
+    from llmcarve.methods.tomoe.convert import convert_to_moe
+    from llmcarve.models.carved import CarvedForCausalLM
+
+    model = build()
+    config = ToMoEConfig(p=0.5, **FAST)
+    result = train_tomoe(model, BLOCKS, config, tmp_path / "ckpt")
+    masker = ToMoEMasker(model, result.heads, MaskSettings(config.temperature, config.offset, v_topk=result.v_topk)).attach()
+    with torch.no_grad():
+        masker.step(None)
+        masked = model(input_ids=BLOCKS[:3]).logits
+    masker.detach()
+
+    moe = convert_to_moe(model, result.heads, config.offset, result.v_topk)
+    moe.save_pretrained(tmp_path / "moe")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert isinstance(loaded, CarvedForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=BLOCKS[:3]).logits, masked, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded(input_ids=BLOCKS[:3]).logits, masked, rtol=1e-4, atol=1e-4)
+    # The carved model counts its own weights (widest expert, V cap, GQA-aware); the trained budget
+    # must hold there, or the training-time accounting is wrong.
+    measured = parameter_report(loaded, context_len=24)["active_ratio"]
+    assert abs(measured - config.p) < 0.1, measured
+    assert loaded.config.num_experts == [4, 4]

@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import torch
 
+from llmcarve.methods.tomoe.gumbel import keep_at_least_one
 from llmcarve.methods.tomoe.hypernetwork import ToMoEHeads
 from llmcarve.models.adapters import Geometry
 from llmcarve.models.carve import LayerPlan, carve
 
 
+def deterministic_mask(logits: torch.Tensor, offset: float) -> torch.Tensor:
+    """The noise-free mask the masker uses in deterministic mode, as booleans."""
+    return keep_at_least_one((logits + offset > 0).float(), logits).bool()
+
+
 def _qk_index(pair_logits: torch.Tensor, offset: float, head_dim: int) -> torch.Tensor:
-    kept = (pair_logits + offset > 0).nonzero().flatten()
-    if len(kept) == 0:  # attention with no Q/K dims would be uniform; keep the strongest pair
-        kept = pair_logits.argmax().view(1)
+    kept = deterministic_mask(pair_logits, offset).nonzero().flatten()
     return torch.cat([kept, kept + head_dim // 2])
 
 
 def _mlp_experts(expert_logits: torch.Tensor, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
-    masks = expert_logits + offset > 0  # [E, D_ff]
-    empty = ~masks.any(-1)
-    if empty.any():  # an expert with no channel would output zeros; give it its strongest channel
-        masks[empty, expert_logits[empty].argmax(-1)] = True
+    masks = deterministic_mask(expert_logits, offset)  # [E, D_ff]
     union = masks.any(0).nonzero().flatten()
     return union, masks[:, union]
 

@@ -38,3 +38,15 @@ def hard_gumbel_one_hot(logits: torch.Tensor, temperature: float, generator: tor
     soft = F.softmax(noisy / temperature, dim=-1)
     hard = F.one_hot(noisy.argmax(-1), logits.shape[-1]).to(soft.dtype)
     return hard + soft - soft.detach(), soft
+
+
+def keep_at_least_one(mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Switch on the strongest entry of every all-zero row of `mask` (last dim).
+
+    An attention layer with no Q/K dims would attend uniformly, an expert with no channel would
+    output zeros: neither is a useful model, so training and conversion both keep one entry. The
+    added ones carry no gradient (the row's soft values still do).
+    """
+    empty = (mask.detach().sum(-1, keepdim=True) == 0).to(mask.dtype)
+    strongest = torch.zeros_like(mask).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return mask + (empty * strongest).detach()

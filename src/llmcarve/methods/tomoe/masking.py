@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llmcarve.methods.tomoe.gumbel import hard_gumbel_one_hot, hard_sigmoid_mask
+from llmcarve.methods.tomoe.gumbel import hard_gumbel_one_hot, hard_sigmoid_mask, keep_at_least_one
 from llmcarve.methods.tomoe.hypernetwork import ToMoEHeads
 from llmcarve.models.adapters import Geometry, adapter_for
 
@@ -81,10 +81,12 @@ class ToMoEMasker:
         for index, decisions in enumerate(self.layers):
             attention_emb, mlp_emb = self._embeddings[index, 0].mean(0), self._embeddings[index, 1]
             pair_logits = self.heads.attention[index].qk_pair_logits(attention_emb)
-            pairs = hard_sigmoid_mask(pair_logits, settings.temperature, settings.offset, generator)
+            pairs = keep_at_least_one(hard_sigmoid_mask(pair_logits, settings.temperature, settings.offset, generator), pair_logits)
             decisions.qk_mask = torch.cat([pairs, pairs])
             expert_logits = self.heads.mlp[index].decoder(mlp_emb)
-            decisions.expert_masks = hard_sigmoid_mask(expert_logits, settings.temperature, settings.offset, generator)
+            decisions.expert_masks = keep_at_least_one(
+                hard_sigmoid_mask(expert_logits, settings.temperature, settings.offset, generator), expert_logits
+            )
 
     @contextmanager
     def disabled(self):
@@ -163,7 +165,8 @@ class ToMoEMasker:
             # the E x D_ff expert logits are decoded once per step, not once per token.
             expert_logits = head.decoder(self._embeddings[index, 1])
             token_logits = decisions.route @ expert_logits
-            decisions.token_mlp_mask = hard_sigmoid_mask(token_logits, self.settings.temperature, self.settings.offset, self._generator)
+            token_mask = hard_sigmoid_mask(token_logits, self.settings.temperature, self.settings.offset, self._generator)
+            decisions.token_mlp_mask = keep_at_least_one(token_mask, token_logits)
             return None
 
         return hook
