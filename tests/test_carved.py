@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig, MistralForCausalLM
 
 import llmcarve  # noqa: F401  (registers the carved model with the Auto classes)
 from llmcarve.eval.accounting import attention_mlp_weights, parameter_report
 from llmcarve.models.adapters import Geometry
 from llmcarve.models.carve import LayerPlan, carve
-from llmcarve.models.carved import CarvedForCausalLM, DynamicVMask
+from llmcarve.models.carved import CarvedForCausalLM, DynamicVMask, attention_mask_for
 from tests.tiny import tiny_llama, tiny_qwen2, tiny_tokenizer
 
 FAMILIES = {"llama-mha": lambda: tiny_llama(), "llama-gqa": lambda: tiny_llama(gqa=True), "qwen2": tiny_qwen2}
@@ -195,6 +195,12 @@ def test_generate_matches_greedy_argmax_without_cache():
         ids = torch.cat([ids, next_token], dim=1)
     assert torch.equal(generated, ids)
 
+    # and a hand-driven cache, one token at a time with default positions, gives the full-pass logits
+    cache, step_logits = DynamicCache(), []
+    for position in range(ids.shape[1]):
+        step_logits.append(carved(input_ids=ids[:, position : position + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), carved(input_ids=ids).logits, atol=1e-5, rtol=0)
+
 
 @torch.no_grad()
 def test_left_padded_batch_matches_unpadded_rows():
@@ -208,11 +214,22 @@ def test_left_padded_batch_matches_unpadded_rows():
     logits = carved(input_ids=batch, attention_mask=attention_mask, position_ids=position_ids).logits
     torch.testing.assert_close(logits[0], carved(input_ids=long).logits[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(logits[1, 3:], carved(input_ids=short).logits[0], atol=1e-5, rtol=0)
-    assert torch.isfinite(logits).all()  # padding queries see no real key, yet give no NaN
+    assert torch.isfinite(logits).all()
 
     generated = carved.generate(batch, attention_mask=attention_mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     alone = carved.generate(short, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert torch.equal(generated[1, 3:], alone[0])
+
+
+def test_every_query_sees_at_least_one_key():
+    # A left-padding query has no real key to its left; a row without any allowed key would make
+    # some SDPA backends return NaN there, and the NaN would reach real tokens through V.
+    padding = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    for window in (None, 2):
+        mask = attention_mask_for(padding, query_length=5, past_length=0, window=window, device="cpu")
+        assert mask.any(-1).all()
+        assert mask[0, 0, 4].tolist() == [False, False, False, True, True]  # padding is never a key
+        assert mask[1, 0, 4].tolist() == [window is None] * 3 + [True, True]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,9 +284,24 @@ def test_masked_and_sorted_moe_paths_agree():
     assert not torch.allclose(halved_sorted, masked, atol=1e-3)
 
 
-def test_plan_must_keep_rope_pairs_together():
+def test_sorted_moe_path_trains_the_live_weights():
+    model = tiny_llama()
+    carved = carve(model, random_plans(model, moe=True))
+    ids = sample_ids()
+    with torch.inference_mode():
+        carved(input_ids=ids)  # caches per-expert slices, which autograd must not use
+    up = carved.model.layers[0].mlp.up_proj.weight
+    carved(input_ids=ids).logits.sum().backward()
+    assert up.grad is not None and up.grad.abs().sum() > 0
+
+
+def test_plans_the_carved_model_cannot_honour_are_refused():
     model = tiny_llama()
     plans = random_plans(model)
     plans[0].qk_index = torch.tensor([0, 1, 4, 6])  # 1 kept without its partner 5
     with pytest.raises(ValueError, match="layer 0: qk_index must keep RoPE pairs"):
+        carve(model, plans)
+    plans = random_plans(model)
+    plans[1].v_active = 2  # a static V keeps all of v_index for every token: the count would lie
+    with pytest.raises(ValueError, match="layer 1: only a dynamic V mask"):
         carve(model, plans)

@@ -70,6 +70,8 @@ def check_plan(plan: LayerPlan, geometry: Geometry, layer: int) -> None:
         fail(f"v_router needs the keys {V_ROUTER_KEYS}")
     if plan.v_active is not None and not 0 < plan.v_active <= len(plan.v_index):
         fail(f"v_active must be within [1, len(v_index)={len(plan.v_index)}]")
+    if plan.v_active not in (None, len(plan.v_index)) and plan.v_router is None:
+        fail("only a dynamic V mask (v_router) can use fewer V dims than v_index keeps")
 
 
 def carved_config(dense_config, plans: list[LayerPlan]) -> CarvedConfig:
@@ -158,7 +160,7 @@ def _attention_weights(attention: nn.Module, plan: LayerPlan, geometry: Geometry
             state[f"{prefix}.{name}.bias"] = projection.bias[index]
     # o_proj's input is per QUERY head: head h reads kv head h // groups, whose kept V dims are the
     # same v_index, so the columns are v_index in each of the H query heads.
-    state[f"{prefix}.o_proj.weight"] = attention.o_proj.weight[:, per_head_index(plan.v_index, heads, head_dim).flip(0)]
+    state[f"{prefix}.o_proj.weight"] = attention.o_proj.weight[:, per_head_index(plan.v_index, heads, head_dim)]
     if plan.v_router is not None:
         state |= _v_mask_weights(plan, head_dim, f"{prefix}.v_mask")
     return state
@@ -197,6 +199,8 @@ def _refuse_unsupported_biases(model: nn.Module, adapter: FamilyAdapter) -> None
 
 def carve(model: nn.Module, plans: list[LayerPlan]) -> CarvedForCausalLM:
     """A new carved model holding copies of the kept dense weights (the dense model is untouched)."""
+    if isinstance(model, CarvedForCausalLM):
+        raise ValueError("carve takes a dense model; carving a carved model again is not supported")
     geometry = Geometry.from_config(model.config)
     if len(plans) != geometry.num_layers:
         raise ValueError(f"one plan per layer: got {len(plans)} plans for {geometry.num_layers} layers")

@@ -214,8 +214,9 @@ def attention_mask_for(
     allowed = allowed[None, None]
     if not unpadded:
         allowed = allowed & padding_mask[:, None, None, :].bool()
-        # A padding query (left padding) sees no key at all, and a row without keys makes softmax
-        # NaN; letting every query see itself keeps its (ignored) output finite.
+        # A padding query (left padding) sees no key at all: a plain softmax (and some SDPA kernels)
+        # turns that row into NaN, which the next layer would spread to real tokens through V
+        # (0 * NaN). Letting every query see itself keeps its ignored output finite.
         allowed = allowed | (key_place == query_place)
     return allowed
 
@@ -281,12 +282,12 @@ class CarvedMLP(nn.Module):
 
         Sliced once and cached (never saved). The cache is keyed on the weights' storage and version
         counter, so moving, casting or updating the weights in place rebuilds it. While autograd is
-        on, the slices are taken afresh so gradients reach the live weights.
+        on, the slices are taken afresh so gradients reach the live weights (and inputs).
         """
-        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.expert_mask)
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        if torch.is_grad_enabled():
             return self._slice_expert_weights()
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.expert_mask)
+        key = tuple(_storage_state(w) for w in weights)
         if self._expert_weights_cache is None or self._expert_weights_cache[0] != key:
             self._expert_weights_cache = (key, self._slice_expert_weights())
         return self._expert_weights_cache[1]
@@ -298,6 +299,13 @@ class CarvedMLP(nn.Module):
             gate_up = torch.cat([self.gate_proj.weight[index], self.up_proj.weight[index]])
             sliced.append((gate_up, self.down_proj.weight[:, index]))
         return sliced
+
+
+def _storage_state(tensor: torch.Tensor) -> tuple:
+    """What changes when a tensor is moved, cast or modified in place (its version counter; tensors
+    made under torch.inference_mode have none, and can only change inside it)."""
+    version = None if tensor.is_inference() else tensor._version
+    return tensor.data_ptr(), version, tensor.dtype, tensor.device
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Baselines the carving methods are compared against: static structured pruning."""
