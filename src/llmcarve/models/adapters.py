@@ -70,11 +70,24 @@ class Geometry:
     def mlp_weights_per_layer(self) -> int:
         return 3 * self.hidden_size * self.intermediate_size
 
+    def layer_weights(self, qk_width, v_width, mlp_width):
+        """Attention+MLP weights one token uses in one layer, for kept widths per head / channels.
+
+        q: d*H*w_qk, k: d*H_kv*w_qk, v: d*H_kv*w_v, o: d*H*w_v, MLP: 3*d*w_mlp. The one home of this
+        count: ToMoE's differentiable budget passes tensors, carved models pass their integers.
+        """
+        d = self.hidden_size
+        return d * (self.num_heads + self.num_kv_heads) * (qk_width + v_width) + 3 * d * mlp_width
+
 
 ADAPTERS: dict[str, FamilyAdapter] = {
     "llama": FamilyAdapter("llama", qkv_bias=False, description="Llama 1/2/3, SmolLM2 (MHA and GQA)"),
     "mistral": FamilyAdapter("mistral", qkv_bias=False, description="Mistral (GQA, sliding window)"),
     "qwen2": FamilyAdapter("qwen2", qkv_bias=True, description="Qwen2 / Qwen2.5 (GQA, q/k/v biases)"),
+    # Models carved by llmcarve keep the dense layout (model.layers[i].self_attn.q_proj, ...), so
+    # loading and accounting read them like their base family. Whether they carry q/k/v biases is
+    # their config's `attention_bias`, not a property of the family.
+    "llmcarve": FamilyAdapter("llmcarve", qkv_bias=False, description="a model carved by llmcarve (any base family)"),
 }
 
 

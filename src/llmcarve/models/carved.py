@@ -30,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 # one carved class serves all three families.
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from llmcarve.models.adapters import ADAPTERS, FamilyAdapter
+from llmcarve.models.adapters import Geometry
 
 MOE_IMPLEMENTATIONS = ("masked", "sorted")
 
@@ -411,26 +411,16 @@ class CarvedForCausalLM(CarvedPreTrainedModel, GenerationMixin):
         Per layer: q and o span H heads, k and v the H_kv KV heads; V counts the widest mask a token
         can get (`v_active`) and the MLP the widest expert, so every token fits within the count.
         """
-        config, total = self.config, 0
-        d, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-        for layer, qk, v in zip(self.model.layers, config.qk_dims, config.v_active):
-            total += d * (heads + kv_heads) * (qk + v) + 3 * d * layer.mlp.active_width
-        return total
+        geometry, config = Geometry.from_config(self.config), self.config
+        return sum(
+            geometry.layer_weights(qk, v, layer.mlp.active_width)
+            for layer, qk, v in zip(self.model.layers, config.qk_dims, config.v_active)
+        )
 
 
 def _register() -> None:
     AutoConfig.register(CarvedConfig.model_type, CarvedConfig)
     AutoModelForCausalLM.register(CarvedConfig, CarvedForCausalLM)
-    # Carved models keep the dense module layout (model.layers[i].self_attn.q_proj, .mlp.down_proj,
-    # ...), so the family-agnostic code (load_model, parameter accounting) reads them through the
-    # same kind of adapter as their base families. Registered here, next to the Auto classes,
-    # because a carved model can only exist once this module is imported. The adapter's qkv_bias
-    # is per family and a carved family mixes both: a carved model's own say is
-    # config.attention_bias.
-    ADAPTERS.setdefault(
-        CarvedConfig.model_type,
-        FamilyAdapter(CarvedConfig.model_type, qkv_bias=False, description="a model carved by llmcarve"),
-    )
 
 
 _register()

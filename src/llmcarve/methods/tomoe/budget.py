@@ -13,12 +13,6 @@ import torch
 from llmcarve.models.adapters import Geometry
 
 
-def layer_active_weights(geometry: Geometry, qk_width: torch.Tensor, v_width: torch.Tensor, mlp_width: torch.Tensor) -> torch.Tensor:
-    d, heads, kv_heads = geometry.hidden_size, geometry.num_heads, geometry.num_kv_heads
-    # q: d*H*w_qk, k: d*H_kv*w_qk, v: d*H_kv*w_v, o: d*H*w_v
-    return d * (heads + kv_heads) * (qk_width + v_width) + 3 * d * mlp_width
-
-
 def dense_weights(geometry: Geometry) -> int:
     return geometry.num_layers * (geometry.attention_weights_per_layer + geometry.mlp_weights_per_layer)
 
@@ -30,5 +24,5 @@ def active_ratio(geometry: Geometry, layers) -> torch.Tensor:
         qk_width = decisions.qk_mask.sum()
         v_width = decisions.v_mask.sum(-1).max()
         mlp_width = decisions.expert_masks.sum(-1).max()
-        total = total + layer_active_weights(geometry, qk_width, v_width, mlp_width)
+        total = total + geometry.layer_weights(qk_width, v_width, mlp_width)
     return total / dense_weights(geometry)
