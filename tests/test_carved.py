@@ -266,22 +266,23 @@ def test_v_mask_keeps_at_most_v_active_dims_per_token():
 
 
 @torch.no_grad()
-def test_masked_and_sorted_moe_paths_agree():
+@pytest.mark.parametrize("fast_path", ["sorted", "grouped"])
+def test_masked_and_fast_moe_paths_agree(fast_path):
     model = tiny_llama()
     carved = carve(model, random_plans(model, moe=True))
     ids = sample_ids(batch=3, length=20)
     carved.config.moe_impl = "masked"
     masked = carved(input_ids=ids).logits
-    carved.config.moe_impl = "sorted"
+    carved.config.moe_impl = fast_path
     torch.testing.assert_close(carved(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
 
-    # the sorted path's cached per-expert weights follow in-place weight updates
+    # the fast path's cached per-expert weights follow in-place weight updates
     for layer in carved.model.layers:
         layer.mlp.up_proj.weight.mul_(0.5)
-    halved_sorted = carved(input_ids=ids).logits
+    halved_fast = carved(input_ids=ids).logits
     carved.config.moe_impl = "masked"
-    torch.testing.assert_close(halved_sorted, carved(input_ids=ids).logits, atol=1e-5, rtol=0)
-    assert not torch.allclose(halved_sorted, masked, atol=1e-3)
+    torch.testing.assert_close(halved_fast, carved(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(halved_fast, masked, atol=1e-3)
 
 
 def test_sorted_moe_path_trains_the_live_weights():

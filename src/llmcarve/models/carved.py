@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from llmcarve.models.adapters import Geometry
 
-MOE_IMPLEMENTATIONS = ("masked", "sorted")
+MOE_IMPLEMENTATIONS = ("masked", "sorted", "grouped")
 
 
 class CarvedConfig(PreTrainedConfig):
@@ -240,6 +240,7 @@ class CarvedMLP(nn.Module):
         if experts:
             self.register_buffer("expert_mask", torch.ones(experts, width, dtype=torch.bool))
         self._expert_weights_cache: tuple[tuple, list] | None = None
+        self._padded_cache: tuple[tuple, tuple] | None = None
 
     @property
     def active_width(self) -> int:
@@ -255,6 +256,8 @@ class CarvedMLP(nn.Module):
         expert = self.router(x).argmax(-1)
         if self.config.moe_impl == "masked":
             return self._masked_experts(x, expert)
+        if self.config.moe_impl == "grouped":
+            return self._grouped_experts(x, expert)
         return self._sorted_experts(x, expert)
 
     def _masked_experts(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
@@ -276,6 +279,39 @@ class CarvedMLP(nn.Module):
                 out[tokens] = F.linear(self.act_fn(gate) * up, down)
                 start += count
         return out.view_as(x)
+
+    def _grouped_experts(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """All experts in two grouped matmuls over tokens sorted by expert: no Python loop over
+        experts and no host synchronisation (group offsets stay on the device)."""
+        flat, flat_expert = x.reshape(-1, x.shape[-1]), expert.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        offsets = torch.bincount(flat_expert, minlength=self.router.out_features).cumsum(0).to(torch.int32)
+        gate_up, down = self._padded_expert_weights()
+        gate, up = torch._grouped_mm(flat[order], gate_up, offs=offsets).chunk(2, dim=-1)
+        out = torch.empty_like(flat)
+        out[order] = torch._grouped_mm(self.act_fn(gate) * up, down, offs=offsets)
+        return out.view_as(x)
+
+    def _padded_expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[E, d, 2w] (gate | up) and [E, w, d], w = the widest expert rounded up to 8 (the grouped
+        GEMM wants 16-byte aligned strides). A narrower expert's padding rows are zero: silu(0) * 0
+        and zero down rows add exactly nothing, and the budget already counts the widest expert."""
+        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.expert_mask)
+        key = ("padded",) + tuple(_storage_state(w) for w in weights)
+        if torch.is_grad_enabled() or self._padded_cache is None or self._padded_cache[0] != key:
+            experts, hidden = self.expert_mask.shape[0], self.gate_proj.in_features
+            width = -(-self.active_width // 8) * 8
+            gate_up = self.gate_proj.weight.new_zeros(experts, hidden, 2 * width)
+            down = self.down_proj.weight.new_zeros(experts, width, hidden)
+            for e, channels in enumerate(self.expert_mask):
+                index = channels.nonzero().squeeze(1)
+                gate_up[e, :, : len(index)] = self.gate_proj.weight[index].T
+                gate_up[e, :, width : width + len(index)] = self.up_proj.weight[index].T
+                down[e, : len(index)] = self.down_proj.weight[:, index].T
+            if torch.is_grad_enabled():
+                return gate_up, down
+            self._padded_cache = (key, (gate_up, down))
+        return self._padded_cache[1]
 
     def _expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per expert: gate and up rows stacked [2 * width_e, d] (one matmul) and down columns [d, width_e].
