@@ -1,7 +1,12 @@
+"""Multiple-choice scoring and task loading: log-likelihoods against a plain forward pass, lm-eval's
+metric definitions, batching, the builtin prompts and path tasks."""
+
+import copy
 import json
 
 import pytest
 import torch
+from tokenizers import processors
 
 from llmcarve.eval import multiple_choice
 from llmcarve.eval.multiple_choice import choice_logliks, encode_pair, score_questions
@@ -36,7 +41,8 @@ def test_loglik_matches_a_plain_forward_pass():
     got = choice_logliks(model, tokenizer, QUESTIONS, progress=False)
     for question, logliks in zip(QUESTIONS, got):
         for choice, loglik in zip(question.choices, logliks):
-            assert loglik == pytest.approx(reference_loglik(model, tokenizer, choice.context, choice.continuation), abs=1e-4)
+            expected = reference_loglik(model, tokenizer, choice.context, choice.continuation)
+            assert loglik == pytest.approx(expected, abs=1e-4)
 
 
 def test_trailing_space_of_the_context_moves_to_the_continuation():
@@ -45,6 +51,19 @@ def test_trailing_space_of_the_context_moves_to_the_continuation():
     # Without the move, " " would be a token of its own at the end of the context.
     context_ids, continuation_ids = encode_pair(tokenizer, "Answer: ", "Paris")
     assert tokenizer.decode(continuation_ids) == " Paris" and tokenizer.decode(context_ids) == "Answer:"
+
+
+def test_special_tokens_are_the_tokenizers_default_and_bos_is_never_doubled():
+    tokenizer = copy.deepcopy(tiny_tokenizer())  # one that prepends BOS, like Llama's
+    bos = tokenizer.bos_token_id
+    prepend_bos = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tokenizer.backend_tokenizer.post_processor = prepend_bos
+    context_ids, continuation_ids = encode_pair(tokenizer, "Question:", " Paris")
+    assert context_ids[:2] != [bos, bos] and context_ids[0] == bos and bos not in continuation_ids
+    assert encode_pair(tokenizer, "<s>Question:", " Paris") == (context_ids, continuation_ids)
+    # An empty context becomes BOS alone, so the first continuation token is still scored.
+    plain = tiny_tokenizer()  # adds no special tokens of its own
+    assert encode_pair(plain, "", "Paris") == ([plain.bos_token_id], plain.encode("Paris"))
 
 
 def test_long_inputs_lose_tokens_from_the_left():
@@ -57,7 +76,8 @@ def test_long_inputs_lose_tokens_from_the_left():
     with torch.no_grad():
         logprobs = torch.log_softmax(model(torch.tensor([kept[:-1]])).logits[0], dim=-1)
     expected = sum(logprobs[t - 1, kept[t]].item() for t in range(len(kept) - continuation_len, len(kept)))
-    [[got]] = choice_logliks(model, tokenizer, [Question((Choice(context, continuation),), 0)], max_length=max_length, progress=False)
+    question = Question((Choice(context, continuation),), gold=0)
+    [[got]] = choice_logliks(model, tokenizer, [question], max_length=max_length, progress=False)
     assert got == pytest.approx(expected, abs=1e-4)
 
 
@@ -139,7 +159,8 @@ def test_builtin_task_loads_valid_questions(builtin_questions, name):
 def test_arc_easy_first_item(builtin_questions):
     first = builtin_questions["arc_easy"][0]
     assert first.choices[0].context == "Question: Which technology was developed most recently?\nAnswer:"
-    assert [c.continuation for c in first.choices] == [" cellular telephone", " television", " refrigerator", " airplane"]
+    expected = [" cellular telephone", " television", " refrigerator", " airplane"]
+    assert [c.continuation for c in first.choices] == expected
     assert first.gold == 0
 
 
@@ -150,7 +171,10 @@ def test_hellaswag_items_are_preprocessed_like_lm_eval(builtin_questions):
     # A WikiHow item: " [title]" becomes ". ", other [tags] vanish, the delimiter space stays.
     wikihow = builtin_questions["hellaswag"][3243]
     assert wikihow.choices[0].context.startswith("Personal Care and Style: How to become a fashion consultant. Obtain")
-    assert wikihow.choices[3].continuation == "  Earn a bachelor's degree in a fashion-related field. Degrees for the fashion industry include art, fashion merchandising, and marketing."
+    assert wikihow.choices[3].continuation == (
+        "  Earn a bachelor's degree in a fashion-related field."
+        " Degrees for the fashion industry include art, fashion merchandising, and marketing."
+    )
 
 
 def test_winogrande_options_fill_the_blank_in_the_context(builtin_questions):
@@ -192,12 +216,10 @@ def write_jsonl(path, lines):
 
 def test_jsonl_path_task(tmp_path):
     questions = load_task(path_spec(write_jsonl(tmp_path / "t.jsonl", ROWS), choice_prefix=" -> "))
-    assert questions[1] == Question(
-        (Choice("Q: Capital of France?\nA:", " -> Paris", "Paris"), Choice("Q: Capital of France?\nA:", " -> Rome", "Rome"),
-         Choice("Q: Capital of France?\nA:", " -> Oslo", "Oslo")),
-        gold=0,
-    )
-    assert questions[0].gold == 1
+    context = "Q: Capital of France?\nA:"
+    options = ("Paris", "Rome", "Oslo")
+    assert questions[1] == Question(tuple(Choice(context, f" -> {o}", choice_text=o) for o in options), gold=0)
+    assert questions[0].gold == 1  # labels may be ints or numeric strings
 
 
 def test_parquet_arrow_and_saved_dataset_read_like_jsonl(tmp_path):

@@ -153,17 +153,25 @@ def padding_id(tokenizer) -> int:
 
 @torch.inference_mode()
 def choice_logliks(
-    model, tokenizer, questions: Sequence[Question], batch_size: int = 8, max_length: int | None = None, progress: bool = True
+    model,
+    tokenizer,
+    questions: Sequence[Question],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = True,
 ) -> list[list[float]]:
     """log p(continuation | context) of every choice, as logliks[question][choice]."""
     max_length = resolve_max_length(model, max_length)
-    tokenized = [tokenize_choice(tokenizer, choice, max_length) for question in questions for choice in question.choices]
+    choices = [choice for question in questions for choice in question.choices]
+    tokenized = [tokenize_choice(tokenizer, choice, max_length) for choice in choices]
     with eval_mode(model):
         flat = score_in_batches(model, tokenized, batch_size, padding_id(tokenizer), progress)
     return _regroup(flat, [len(question.choices) for question in questions])
 
 
-def score_in_batches(model, tokenized: Sequence[ChoiceTokens], batch_size: int, pad_id: int, progress: bool) -> list[float]:
+def score_in_batches(
+    model, tokenized: Sequence[ChoiceTokens], batch_size: int, pad_id: int, progress: bool
+) -> list[float]:
     # Longest first, so each batch holds sequences of similar length (little padding) and running
     # out of memory happens at once rather than at the end.
     order = sorted(range(len(tokenized)), key=lambda i: -tokenized[i].length)
@@ -217,7 +225,12 @@ def accuracy_metrics(questions: Sequence[Question], logliks: Sequence[Sequence[f
 
 
 def score_questions(
-    model, tokenizer, questions: Sequence[Question], batch_size: int = 8, max_length: int | None = None, progress: bool = True
+    model,
+    tokenizer,
+    questions: Sequence[Question],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = True,
 ) -> dict:
     """acc, acc_norm, n and acc_stderr of `model` on `questions`."""
     if not questions:
