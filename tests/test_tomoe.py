@@ -136,3 +136,30 @@ def test_train_convert_save_load_keeps_the_masked_logits(build, tmp_path):
     measured = parameter_report(loaded, context_len=24)["active_ratio"]
     assert abs(measured - config.p) < 0.1, measured
     assert loaded.config.num_experts == [4, 4]
+
+
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+def test_budget_counts_exactly_the_weights_a_token_uses(gqa):
+    """The differentiable budget against a count read off the real projection shapes, so a formula
+    that, say, counted K/V with the query heads under GQA fails here."""
+    from llmcarve.methods.tomoe.budget import active_ratio
+    from llmcarve.methods.tomoe.masking import LayerDecisions
+
+    model = tiny_llama(gqa=gqa)
+    geometry = Geometry.from_config(model.config)
+    qk = torch.tensor([1.0, 0.0, 1.0, 0.0] * 2)  # 4 of 8 Q/K dims
+    v = torch.zeros(1, 3, 8)
+    for token, width in enumerate((2, 5, 3)):  # the widest token uses 5 V dims
+        v[0, token, :width] = 1
+    experts = torch.zeros(4, 64)
+    for expert, width in enumerate((10, 20, 7, 1)):  # the widest expert uses 20 channels
+        experts[expert, :width] = 1
+    decisions = [LayerDecisions(qk_mask=qk, v_mask=v, expert_masks=experts) for _ in range(geometry.num_layers)]
+
+    expected = dense = 0
+    for layer in model.model.layers:
+        attention, mlp, hd = layer.self_attn, layer.mlp, geometry.head_dim
+        q_heads, kv_heads, d = attention.q_proj.out_features // hd, attention.k_proj.out_features // hd, attention.q_proj.in_features
+        expected += d * (q_heads * 4 + kv_heads * 4 + kv_heads * 5 + q_heads * 5) + 3 * d * 20
+        dense += sum(p.weight.numel() for p in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    assert active_ratio(geometry, decisions).item() == pytest.approx(expected / dense, rel=1e-6)
