@@ -70,6 +70,16 @@ def test_bad_value_is_refused_with_key_value_and_allowed(key, value, words):
         assert word in message, f"{word!r} missing from: {message}"
 
 
+def test_perplexity_presets_fill_the_protocol_and_explicit_keys_win():
+    raw = with_change("evaluate.perplexity", {"preset": "seq2048"})
+    protocol = validate(raw).evaluate.perplexity
+    assert (protocol.seq_len, protocol.max_windows, protocol.add_bos) == (2048, 32, False)
+    raw = with_change("evaluate.perplexity", {"preset": "seq512", "max_windows": 8})
+    assert (validate(raw).evaluate.perplexity.seq_len, validate(raw).evaluate.perplexity.max_windows) == (512, 8)
+    with pytest.raises(ParamsError, match="preset"):
+        validate(with_change("evaluate.perplexity", {"preset": "seq4096"}))
+
+
 def test_every_problem_is_reported_at_once():
     raw = with_change("seed", "zero")
     raw["calibrate"]["num_blocks"] = 0

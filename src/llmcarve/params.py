@@ -137,7 +137,15 @@ class StaticParams(Section):
     budgets: list[Kept] = Field(default_factory=lambda: [0.5, 0.7], min_length=1)
 
 
+# Named protocols: `preset: seq2048` is shorthand for the values below (explicit keys still win).
+PERPLEXITY_PRESETS = {
+    "seq512": {"seq_len": 512, "stride": None, "max_windows": 64, "add_bos": False},
+    "seq2048": {"seq_len": 2048, "stride": None, "max_windows": 32, "add_bos": False},
+}
+
+
 class PerplexityParams(Section):
+    preset: Literal["seq512", "seq2048"] | None = Field(None, description="fills seq_len/stride/max_windows/add_bos")
     seq_len: Annotated[int, Field(ge=8)] = 512
     stride: Annotated[int, Field(ge=1)] | None = Field(None, description="None = seq_len (non-overlapping windows)")
     max_windows: Annotated[int, Field(gt=0)] | None = 64
@@ -146,6 +154,13 @@ class PerplexityParams(Section):
         default_factory=lambda: {"boolq_wikipedia": "general/heldout"},
         description="metric name -> '<domain>/<split>' of prepare_data's output",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("preset") in PERPLEXITY_PRESETS:
+            return PERPLEXITY_PRESETS[raw["preset"]] | raw
+        return raw
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> "PerplexityParams":

@@ -29,9 +29,6 @@ class Protocol:
         return asdict(self) | {"stride": self.stride or (self.seq_len - 1 if self.add_bos else self.seq_len)}
 
 
-PRESETS = {"seq512": Protocol(seq_len=512), "seq2048": Protocol(seq_len=2048, max_windows=32)}
-
-
 @dataclass(frozen=True)
 class Window:
     input_ids: list[int]
