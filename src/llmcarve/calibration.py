@@ -9,8 +9,6 @@ Sums of squares (not means) are stored with the token count, so statistics from 
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -57,7 +55,7 @@ def _register_hooks(model: nn.Module, sums: dict[str, torch.Tensor]) -> list:
 @torch.inference_mode()
 def collect_channel_stats(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
     """Run the dense model over `blocks` [n, seq] and return the summed squared activations."""
-    sums: dict[str, torch.Tensor] = defaultdict()
+    sums: dict[str, torch.Tensor] = {}
     handles = _register_hooks(model, sums)
     device = next(model.parameters()).device
     try:

@@ -36,6 +36,7 @@ class LayerDecisions:
     qk_mask: torch.Tensor | None = None  # [hd], pairs repeated
     v_mask: torch.Tensor | None = None  # [B, T, hd]
     route: torch.Tensor | None = None  # [B, T, E] straight-through one-hot
+    expert_logits: torch.Tensor | None = None  # [E, D_ff], decoded once per step
     expert_masks: torch.Tensor | None = None  # [E, D_ff], independently sampled for the budget and union losses
     token_mlp_mask: torch.Tensor | None = None  # [B, T, D_ff]
 
@@ -83,9 +84,10 @@ class ToMoEMasker:
             pair_logits = self.heads.attention[index].qk_pair_logits(attention_emb)
             pairs = keep_at_least_one(hard_sigmoid_mask(pair_logits, settings.temperature, settings.offset, generator), pair_logits)
             decisions.qk_mask = torch.cat([pairs, pairs])
-            expert_logits = self.heads.mlp[index].decoder(mlp_emb)
+            decisions.expert_logits = self.heads.mlp[index].decoder(mlp_emb)
             decisions.expert_masks = keep_at_least_one(
-                hard_sigmoid_mask(expert_logits, settings.temperature, settings.offset, generator), expert_logits
+                hard_sigmoid_mask(decisions.expert_logits, settings.temperature, settings.offset, generator),
+                decisions.expert_logits,
             )
 
     @contextmanager
@@ -162,9 +164,8 @@ class ToMoEMasker:
             decisions, head = self.layers[index], self.heads.mlp[index]
             decisions.route, _ = hard_gumbel_one_hot(head.router(args[0].float()), self.settings.temperature, self._generator)
             # The selected expert's logits, gathered through the one-hot so the router gets gradients;
-            # the E x D_ff expert logits are decoded once per step, not once per token.
-            expert_logits = head.decoder(self._embeddings[index, 1])
-            token_logits = decisions.route @ expert_logits
+            # the E x D_ff expert logits are decoded once per step (in `step`), not once per token.
+            token_logits = decisions.route @ decisions.expert_logits
             token_mask = hard_sigmoid_mask(token_logits, self.settings.temperature, self.settings.offset, self._generator)
             decisions.token_mlp_mask = keep_at_least_one(token_mask, token_logits)
             return None

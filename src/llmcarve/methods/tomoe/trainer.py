@@ -8,9 +8,8 @@ replays exactly the steps the uninterrupted run would have taken.
 from __future__ import annotations
 
 import json
-import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -129,15 +128,15 @@ def load_checkpoint(directory: Path, heads: ToMoEHeads, optimizer: torch.optim.O
     return int(metadata["step"]), json.loads(metadata["v_widths"])
 
 
-def v_topk_from_widths(v_widths: list[list[int]], head_dim: int, steps: int) -> list[int]:
+def v_topk_from_widths(v_widths: list[list[int]], steps: int) -> list[int]:
     """Per-layer cap on per-token V width: the median of the per-step maxima over the last 10% of steps.
 
     The budget loss constrains the widest token of every step, so this is the width training
     converged to; the converted model enforces it as a fixed cap instead of a data-dependent one.
     """
     tail = v_widths[-max(1, steps // 10) :]
-    if not tail:
-        return [head_dim] * 0
+    if not tail:  # no step was trained
+        return []
     return [max(1, int(statistics.median(step[layer] for step in tail))) for layer in range(len(tail[0]))]
 
 
@@ -187,11 +186,5 @@ def train_tomoe(
                 break
     finally:
         masker.detach()
-    return TrainResult(heads, v_topk_from_widths(v_widths, geometry.head_dim, config.steps), history)
+    return TrainResult(heads, v_topk_from_widths(v_widths, config.steps), history)
 
-
-def config_dict(config: ToMoEConfig) -> dict:
-    return asdict(config)
-
-
-__all__ = ["ToMoEConfig", "TrainResult", "NonFiniteLossError", "train_tomoe", "config_dict", "math"]
