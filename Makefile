@@ -20,8 +20,13 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
 MLFLOW_PORT ?= 5000
+PREFECT_PORT ?= 4200
+# Prefect's server database and settings stay in the project (ignored by git), not in ~/.prefect.
+PREFECT_HOME ?= $(CURDIR)/.prefect
+PREFECT_ENV := PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+	LLMCARVE_PROJECT_DIR=$(CURDIR)
 
-.PHONY: run test ui setup clean-venv
+.PHONY: run test ui server deploy worker setup clean-venv
 
 setup: $(STAMP)
 
@@ -41,9 +46,26 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The MLflow UI over the project's tracking store, on 127.0.0.1 only.
+# The MLflow UI (port 5000) and the Prefect server and UI (port 4200), both on 127.0.0.1 only.
+# Ctrl-C stops both.
 ui: $(STAMP)
-	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_PORT)
+	trap 'kill 0' INT TERM EXIT; \
+	$(PREFECT_ENV) prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & \
+	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_PORT) & \
+	wait
+
+# The Prefect server alone (what a team runs on one host; see README "Orchestration").
+server: $(STAMP)
+	$(PREFECT_ENV) prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# Register prefect.yaml's deployments and the `gpu` work pool (one flow run at a time per worker).
+deploy: $(STAMP)
+	$(PREFECT_ENV) prefect work-pool inspect gpu >/dev/null 2>&1 || $(PREFECT_ENV) prefect work-pool create gpu --type process
+	$(PREFECT_ENV) prefect --no-prompt deploy --all
+
+# One worker per GPU host: it polls the `gpu` pool and runs one flow run at a time.
+worker: $(STAMP)
+	$(PREFECT_ENV) prefect worker start --pool gpu --type process --limit 1 --name $$(hostname)-gpu
 
 clean-venv:
 	rm -rf $(VENV)

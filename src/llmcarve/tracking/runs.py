@@ -130,6 +130,28 @@ def _pipeline_parent(client, experiment_id: str, root: Path) -> str | None:
     return run.info.run_id
 
 
+def start_pipeline_run(root: Path, name: str, tags: dict[str, str]) -> str:
+    """Open the parent run of a pipeline an orchestrator drives; its stages join it via PIPELINE_RUN_ENV."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(root))
+    run = client.create_run(
+        _experiment_id(client, root),
+        run_name=name,
+        tags={"llmcarve.kind": "pipeline", "git_commit": git_commit(root), **tags},
+    )
+    return run.info.run_id
+
+
+def finish_pipeline_run(root: Path, run_id: str, succeeded: bool, tags: dict[str, str] | None = None) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(root))
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+
+
 @contextmanager
 def stage_run(stage: str, params: dict[str, Any], root: Path | str = ".") -> Iterator[StageRun]:
     """A child MLflow run for `stage`, with its params and lineage tags; the parent is closed after."""

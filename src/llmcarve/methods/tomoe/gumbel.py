@@ -5,16 +5,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmcarve.methods.tomoe.distributed import SINGLE, Shard
 
-def logistic_noise(shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
+
+def uniform_noise(shape, generator: torch.Generator, device, dtype, shard: Shard = SINGLE) -> torch.Tensor:
+    """U(0, 1) noise in (1e-6, 1 - 1e-6). For per-token tensors under data parallelism (`shard`), every
+    process draws the whole batch's noise and keeps its rows: a token's noise, and so the training,
+    does not depend on how the batch is split over processes."""
+    if shard.world > 1:
+        whole = torch.rand((shape[0] * shard.world, *shape[1:]), generator=generator, device=device, dtype=dtype)
+        return shard.rows(whole).clamp_(1e-6, 1 - 1e-6)
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype).clamp_(1e-6, 1 - 1e-6)
+
+
+def logistic_noise(shape, generator: torch.Generator, device, dtype=torch.float32, shard: Shard = SINGLE) -> torch.Tensor:
     # The difference of two Gumbel(0, 1) samples is Logistic(0, 1): the correct noise for a binary
     # concrete (Gumbel-sigmoid) relaxation. (The official code adds a single Gumbel sample, which
     # biases every mask logit by +0.577; the +3 offset hides it but we do not copy it.)
-    uniform = torch.rand(shape, generator=generator, device=device, dtype=dtype).clamp_(1e-6, 1 - 1e-6)
+    uniform = uniform_noise(shape, generator, device, dtype, shard)
     return uniform.log() - torch.log1p(-uniform)
 
 
-def hard_sigmoid_mask(logits: torch.Tensor, temperature: float, offset: float, generator: torch.Generator | None) -> torch.Tensor:
+def hard_sigmoid_mask(
+    logits: torch.Tensor, temperature: float, offset: float, generator: torch.Generator | None, shard: Shard = SINGLE
+) -> torch.Tensor:
     """Binary mask in the forward pass; gradient of sigmoid((logits + noise + offset) / T).
 
     `offset` starts training near all-ones (sigmoid(3 / 0.4) ~ 0.9995), so the student begins as the
@@ -23,17 +37,19 @@ def hard_sigmoid_mask(logits: torch.Tensor, temperature: float, offset: float, g
     """
     shifted = logits + offset
     if generator is not None:
-        shifted = shifted + logistic_noise(logits.shape, generator, logits.device, logits.dtype)
+        shifted = shifted + logistic_noise(logits.shape, generator, logits.device, logits.dtype, shard)
     soft = torch.sigmoid(shifted / temperature)
     hard = (shifted > 0).to(soft.dtype)
     return hard + soft - soft.detach()
 
 
-def hard_gumbel_one_hot(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def hard_gumbel_one_hot(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None, shard: Shard = SINGLE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-1 routing: (one-hot in the forward pass with softmax gradients, the soft probabilities)."""
     noisy = logits
     if generator is not None:
-        uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype).clamp_(1e-6, 1 - 1e-6)
+        uniform = uniform_noise(logits.shape, generator, logits.device, logits.dtype, shard)
         noisy = logits - torch.log(-torch.log(uniform))
     soft = F.softmax(noisy / temperature, dim=-1)
     hard = F.one_hot(noisy.argmax(-1), logits.shape[-1]).to(soft.dtype)

@@ -81,9 +81,13 @@ class ToMoEHeads(nn.Module):
 
     def __init__(self, geometry, num_experts: int, seed: int = 0):
         super().__init__()
-        self.hypernetwork = ExpertHypernetwork(geometry.num_layers, num_experts, seed=seed)
-        emb = self.hypernetwork.embedding_dim
-        self.attention = nn.ModuleList(AttentionHead(geometry.hidden_size, geometry.head_dim, emb) for _ in range(geometry.num_layers))
-        self.mlp = nn.ModuleList(
-            MLPHead(geometry.hidden_size, geometry.intermediate_size, num_experts, emb) for _ in range(geometry.num_layers)
-        )
+        # nn.Linear and nn.GRU initialise from the global RNG, which no stage seeds: without this, two
+        # runs with the same seed would start from different heads. fork_rng leaves the caller's RNG as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.hypernetwork = ExpertHypernetwork(geometry.num_layers, num_experts, seed=seed)
+            emb = self.hypernetwork.embedding_dim
+            self.attention = nn.ModuleList(AttentionHead(geometry.hidden_size, geometry.head_dim, emb) for _ in range(geometry.num_layers))
+            self.mlp = nn.ModuleList(
+                MLPHead(geometry.hidden_size, geometry.intermediate_size, num_experts, emb) for _ in range(geometry.num_layers)
+            )

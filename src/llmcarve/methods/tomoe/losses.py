@@ -35,12 +35,13 @@ def union_coverage(expert_masks: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.tensor(1 + EPS, device=expert_masks.device)) - torch.log(covered.mean() + EPS)
 
 
-def load_balance(route: torch.Tensor) -> torch.Tensor:
+def load_balance(route: torch.Tensor, share: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-style sum_e f_e * P_e over tokens; its minimum 1/E is reached at a uniform load.
 
     f_e (the hard share of tokens per expert) carries no gradient; P_e is the mean straight-through
-    route, whose gradient reaches the router through the soft probabilities.
+    route, whose gradient reaches the router through the soft probabilities. `share` may be given
+    when the tokens of the batch are spread over processes (the whole batch's f_e).
     """
     flat = route.reshape(-1, route.shape[-1])
-    share = flat.detach().mean(0)
+    share = flat.detach().mean(0) if share is None else share
     return (share * flat.mean(0)).sum()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from llmcarve.methods.tomoe.distributed import SINGLE, Shard
 from llmcarve.methods.tomoe.gumbel import hard_gumbel_one_hot, hard_sigmoid_mask, keep_at_least_one
 from llmcarve.methods.tomoe.hypernetwork import ToMoEHeads
 from llmcarve.models.adapters import Geometry, adapter_for
@@ -64,8 +65,9 @@ class ToMoEMasker:
     argmax. That is exactly the converted MoE model's behaviour.
     """
 
-    def __init__(self, model: nn.Module, heads: ToMoEHeads, settings: MaskSettings):
+    def __init__(self, model: nn.Module, heads: ToMoEHeads, settings: MaskSettings, shard: Shard = SINGLE):
         self.model, self.heads, self.settings = model, heads, settings
+        self.shard = shard  # per-token noise is drawn for the whole batch and sliced to this process's rows
         self.adapter, self.geometry = adapter_for(model.config), Geometry.from_config(model.config)
         self.layers = [LayerDecisions() for _ in range(self.geometry.num_layers)]
         self.enabled = True
@@ -126,7 +128,7 @@ class ToMoEMasker:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             head = self.heads.attention[index]
             logits = head.v_logits(hidden.float(), self._embeddings[index, 0].mean(0))
-            mask = hard_sigmoid_mask(logits, self.settings.temperature, self.settings.offset, self._generator)
+            mask = hard_sigmoid_mask(logits, self.settings.temperature, self.settings.offset, self._generator, self.shard)
             if self._generator is None and self.settings.v_topk is not None:
                 mask = cap_top_k(mask, logits, self.settings.v_topk[index])
             self.layers[index].v_mask = mask
@@ -162,11 +164,11 @@ class ToMoEMasker:
             if not self.enabled:
                 return None
             decisions, head = self.layers[index], self.heads.mlp[index]
-            decisions.route, _ = hard_gumbel_one_hot(head.router(args[0].float()), self.settings.temperature, self._generator)
+            decisions.route, _ = hard_gumbel_one_hot(head.router(args[0].float()), self.settings.temperature, self._generator, self.shard)
             # The selected expert's logits, gathered through the one-hot so the router gets gradients;
             # the E x D_ff expert logits are decoded once per step (in `step`), not once per token.
             token_logits = decisions.route @ decisions.expert_logits
-            token_mask = hard_sigmoid_mask(token_logits, self.settings.temperature, self.settings.offset, self._generator)
+            token_mask = hard_sigmoid_mask(token_logits, self.settings.temperature, self.settings.offset, self._generator, self.shard)
             decisions.token_mlp_mask = keep_at_least_one(token_mask, token_logits)
             return None
 

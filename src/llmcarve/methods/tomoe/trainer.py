@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from llmcarve.methods.tomoe import losses
 from llmcarve.methods.tomoe.budget import active_ratio
+from llmcarve.methods.tomoe.distributed import SINGLE, Shard, average_gradients, batch_max, batch_mean
 from llmcarve.methods.tomoe.hypernetwork import ToMoEHeads
 from llmcarve.methods.tomoe.masking import MaskSettings, ToMoEMasker
 from llmcarve.models.adapters import Geometry
@@ -71,13 +72,18 @@ def noise_generator(device: torch.device, seed: int, step: int) -> torch.Generat
 
 
 def loss_parts(config: ToMoEConfig, masker: ToMoEMasker, student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
-    layers = masker.layers
-    ratio = active_ratio(masker.geometry, layers)
+    layers, shard = masker.layers, masker.shard
+    ratio = active_ratio(masker.geometry, layers, shard)
+
+    def balance(route: torch.Tensor) -> torch.Tensor:
+        share = batch_mean(route.reshape(-1, route.shape[-1]).mean(0), shard)  # the whole batch's expert loads
+        return losses.load_balance(route, share)
+
     return {
         "kd": losses.distillation(student, teacher),
         "budget": losses.log_ratio_penalty(ratio, config.p),
         "union": torch.stack([losses.union_coverage(d.expert_masks) for d in layers]).mean(),
-        "balance": torch.stack([losses.load_balance(d.route) for d in layers]).mean(),
+        "balance": torch.stack([balance(d.route) for d in layers]).mean(),
         "ratio": ratio,  # logged, not optimised directly
     }
 
@@ -100,19 +106,22 @@ def check_finite(parts: dict[str, torch.Tensor], step: int) -> None:
             )
 
 
-def save_checkpoint(directory: Path, heads: ToMoEHeads, optimizer: torch.optim.Optimizer, step: int, v_widths: list[list[int]]) -> None:
+def save_checkpoint(
+    directory: Path, heads: ToMoEHeads, optimizer: torch.optim.Optimizer, step: int, v_widths: list[list[int]], history: list[dict]
+) -> None:
     tensors = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v).cpu() for k, v in state.items()})
     staging = directory / f".{CHECKPOINT}.tmp"
-    save_file(tensors, staging, metadata={"step": str(step), "v_widths": json.dumps(v_widths)})
+    save_file(tensors, staging, metadata={"step": str(step), "v_widths": json.dumps(v_widths), "history": json.dumps(history)})
     staging.replace(directory / CHECKPOINT)  # atomic: a kill mid-write leaves the previous checkpoint
 
 
-def load_checkpoint(directory: Path, heads: ToMoEHeads, optimizer: torch.optim.Optimizer) -> tuple[int, list[list[int]]]:
+def load_checkpoint(directory: Path, heads: ToMoEHeads, optimizer: torch.optim.Optimizer) -> tuple[int, list[list[int]], list[dict]]:
+    """(steps done, per-step V widths, per-step loss parts) of the checkpoint; a resumed run continues both logs."""
     path = directory / CHECKPOINT
     if not path.exists():
-        return 0, []
+        return 0, [], []
     from safetensors import safe_open
 
     with safe_open(path, "pt") as handle:
@@ -125,7 +134,7 @@ def load_checkpoint(directory: Path, heads: ToMoEHeads, optimizer: torch.optim.O
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    return int(metadata["step"]), json.loads(metadata["v_widths"])
+    return int(metadata["step"]), json.loads(metadata["v_widths"]), json.loads(metadata.get("history", "[]"))
 
 
 def v_topk_from_widths(v_widths: list[list[int]], steps: int) -> list[int]:
@@ -147,10 +156,13 @@ def train_tomoe(
     checkpoint_dir: Path,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     stop_after: int | None = None,
+    shard: Shard = SINGLE,
 ) -> TrainResult:
     """Train to config.steps (resuming from checkpoint_dir if it holds a checkpoint).
 
     `stop_after` ends the run early after that many steps of this call (used to simulate a kill).
+    Under data parallelism (`shard`, see distributed.py) each process trains on its rows of every
+    batch and ends with the heads one process would have; only rank 0 writes checkpoints.
     """
     device = next(model.parameters()).device
     geometry = Geometry.from_config(model.config)
@@ -158,30 +170,32 @@ def train_tomoe(
     heads = ToMoEHeads(geometry, config.num_experts, seed=config.seed).to(device)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    start, v_widths = load_checkpoint(checkpoint_dir, heads, optimizer)
-    masker = ToMoEMasker(model, heads, MaskSettings(config.temperature, config.offset)).attach()
-    history = []
+    start, v_widths, history = load_checkpoint(checkpoint_dir, heads, optimizer)
+    masker = ToMoEMasker(model, heads, MaskSettings(config.temperature, config.offset), shard).attach()
     try:
-        bar = tqdm(range(start, config.steps), desc="tomoe", unit="step", initial=start, total=config.steps)
+        bar = tqdm(range(start, config.steps), desc="tomoe", unit="step", initial=start, total=config.steps, disable=shard.rank != 0)
         for step in bar:
-            batch = blocks[batch_for_step(len(blocks), config.batch_size, step, config.seed)].to(device)
+            batch = shard.rows(blocks[batch_for_step(len(blocks), config.batch_size, step, config.seed)]).to(device)
             with torch.no_grad(), masker.disabled():
                 teacher = model(input_ids=batch).logits
             masker.step(noise_generator(device, config.seed, step))
             parts = loss_parts(config, masker, model(input_ids=batch).logits, teacher)
-            check_finite(parts, step)
+            # whole-batch values, so every process logs (and stops on a NaN) alike
+            whole_batch = {name: batch_mean(value, shard) for name, value in parts.items()}
+            check_finite(whole_batch, step)
             optimizer.zero_grad(set_to_none=True)
             total_loss(config, parts).backward()
+            average_gradients(heads.parameters(), shard)
             optimizer.step()
-            v_widths.append([int(d.v_mask.detach().sum(-1).max()) for d in masker.layers])
-            logged = {name: value.item() for name, value in parts.items()}
+            v_widths.append([int(batch_max(d.v_mask.detach().sum(-1), shard)) for d in masker.layers])
+            logged = {name: value.item() for name, value in whole_batch.items()}
             history.append({"step": step, **logged})
             bar.set_postfix(kd=f"{logged['kd']:.3f}", ratio=f"{logged['ratio']:.3f}", union=f"{logged['union']:.3f}", bal=f"{logged['balance']:.3f}")
             if on_step is not None:
                 on_step(step, logged)
             done = step + 1
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                save_checkpoint(checkpoint_dir, heads, optimizer, done, v_widths)
+            if shard.rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
+                save_checkpoint(checkpoint_dir, heads, optimizer, done, v_widths, history)
             if stop_after is not None and done - start >= stop_after:
                 break
     finally:
