@@ -24,7 +24,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llmcarve.io import InsufficientDiskSpaceError, ensure_free_space, human_bytes
+from llmcarve.io import InsufficientDiskSpaceError, atomic_directory, ensure_free_space, human_bytes
 from llmcarve.models.loading import MODEL_DIR_HEADROOM_BYTES, PickledWeightsError, load_model, materialize, saved_model_bytes
 from llmcarve.params import ParamsError, validate
 from tests.tiny import TRAINING_TEXT, save_tiny, tiny_llama, tiny_tokenizer
@@ -414,6 +414,7 @@ def test_sigkilled_tomoe_resumes_to_the_uninterrupted_result_and_reruns_are_iden
     assert all(p.name.startswith(".tomoe.tmp-") for p in (killed / "artifacts").iterdir() if "tomoe" in p.name)
     resumed = run_stages(killed, "stages.tomoe")
     assert first_progress(resumed) == step, "the rerun must start from the checkpoint, not from step 0"
+    assert not list((killed / "artifacts").glob(".tomoe.tmp-*")), "the rerun removes the killed run's staging directory"
 
     # Workspace B: the same params, never interrupted.
     straight = make_workspace(tmp_path / "straight", source)
@@ -435,3 +436,19 @@ def test_sigkilled_tomoe_resumes_to_the_uninterrupted_result_and_reruns_are_iden
     rerun = run_stages(straight, "stages.tomoe")
     assert first_progress(rerun) == 0
     assert_identical(first, tomoe_outputs(straight))
+
+
+def test_atomic_directory_replaces_the_output_only_when_writing_succeeds(tmp_path):
+    target = tmp_path / "artifacts" / "remove"
+    orphan = tmp_path / "artifacts" / ".remove.tmp-99999"  # left by a run that was killed
+    orphan.mkdir(parents=True)
+    with atomic_directory(target) as staging:
+        (staging / "model.safetensors").write_text("first")
+    assert (target / "model.safetensors").read_text() == "first"
+    assert not orphan.exists()
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as staging:
+            (staging / "model.safetensors").write_text("half")
+            raise RuntimeError("killed halfway")
+    assert (target / "model.safetensors").read_text() == "first", "a failed write must leave the previous output"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["remove"]

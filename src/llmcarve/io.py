@@ -18,8 +18,11 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Staging directories of earlier, killed runs: DVC lets one run write a stage's outputs at a time,
+    # so any that exist now are orphans.
+    for orphan in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(orphan, ignore_errors=True)
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         yield staging
