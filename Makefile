@@ -23,7 +23,9 @@ MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 # Prefect's server database and settings stay in the project (ignored by git), not in ~/.prefect.
 PREFECT_HOME ?= $(CURDIR)/.prefect
-PREFECT_ENV := PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+# Workers and deploys on other hosts: make worker PREFECT_API_URL=http://<server>:4200/api
+PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+PREFECT_ENV := PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=$(PREFECT_API_URL) \
 	LLMCARVE_PROJECT_DIR=$(CURDIR)
 
 .PHONY: run test ui server deploy worker setup clean-venv
