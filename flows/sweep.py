@@ -35,11 +35,15 @@ def carve_sweep(
     key: str,
     values: list[Any],
     overrides: dict[str, Any] | None = None,
+    stages: list[str] | None = None,
     name: str | None = None,
     project: str | None = None,
     workspace: str | None = None,
 ) -> str:
-    """Run carve_pipeline with overrides | {key: value} for each value; return the comparison table."""
+    """Run carve_pipeline with overrides | {key: value} for each value; return the comparison table.
+
+    stages: as in carve_pipeline (default all); the table needs `evaluate` among them.
+    """
     if not values:
         raise ValueError("values is empty: give at least one value to sweep over")
     if key in (overrides or {}):
@@ -50,7 +54,8 @@ def carve_sweep(
     for index, value in enumerate(values):
         logger.info("sweep %s: %s=%r (%d of %d)", sweep, key, value, index + 1, len(values))
         result = carve_pipeline(
-            overrides={**(overrides or {}), key: value}, experiment=f"{sweep}-{index}", project=project, workspace=workspace
+            overrides={**(overrides or {}), key: value}, stages=stages, experiment=f"{sweep}-{index}", project=project,
+            workspace=workspace,
         )
         runs.append((value, result))
     table = comparison_table(key, runs)

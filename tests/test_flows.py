@@ -220,7 +220,9 @@ def test_sweep_writes_one_comparison_table(server, project, flow_env, monkeypatc
         monkeypatch.setenv(key, flow_env[key])
     with temporary_settings({PREFECT_API_URL: server.api}):
         # num_experts 4 is the tiny default (already carved by the deployment test: DVC skips it); 2 is new
-        table = carve_sweep(key="tomoe.num_experts", values=[4, 2], overrides=OVERRIDES, name="experts", project=str(project))
+        table = carve_sweep(
+            key="tomoe.num_experts", values=[4, 2], overrides=OVERRIDES, stages=STAGES, name="experts", project=str(project)
+        )
     rows = [line for line in table.splitlines() if line.startswith("| `tomoe.num_experts=")]
     assert len(rows) == 2 * 2, table  # two runs x (dense, tomoe@0.5)
     assert (project / "reports" / "experts.md").read_text().count("| `tomoe.num_experts=") == 4
