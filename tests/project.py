@@ -58,6 +58,7 @@ def offline_env(work: Path) -> dict[str, str]:
         "HOME": str(work),
         "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
         "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
         "DVC_NO_ANALYTICS": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",

@@ -39,6 +39,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process group we started (make + server, or a worker and its flow runs); SIGKILL if it lingers."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 class Server:
     def __init__(self, api: str, env: dict[str, str]):
         self.api, self.env = api, env
@@ -94,11 +103,7 @@ def server(tmp_path_factory):
             raise AssertionError("the Prefect server did not become healthy in 120 s:\n" + (home / "server.log").read_text()[-3000:])
         yield Server(api, {**env, "PREFECT_API_URL": api})
     finally:
-        os.killpg(make.pid, signal.SIGTERM)
-        try:
-            make.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(make.pid, signal.SIGKILL)
+        stop_group(make)
         log.close()
 
 
@@ -174,11 +179,7 @@ def test_deployment_runs_the_pipeline_on_a_gpu_pool_worker(server, project, flow
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
         run = server.wait_for_final_state(flow_run_id, timeout=1200)
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        stop_group(worker)
     assert run["state_type"] == "COMPLETED", server.logs(flow_run_id)
     assert run["work_pool_name"] == "gpu"
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from llmcarve.io import InsufficientDiskSpaceError, atomic_directory, ensure_free_space, human_bytes
 from llmcarve.models.loading import MODEL_DIR_HEADROOM_BYTES, PickledWeightsError, load_model, materialize, saved_model_bytes
 from llmcarve.params import ParamsError, validate
+from tests.project import offline_env
 from tests.tiny import TRAINING_TEXT, save_tiny, tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,21 +320,9 @@ for module in sys.argv[1:]:
 """
 
 
-def stage_env(work: Path) -> dict[str, str]:
-    return {
-        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-        "HOME": str(work),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "1",
-    }
-
-
 def run_stages(work: Path, *modules: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-c", RUN_STAGES, *modules], cwd=work, env=stage_env(work), capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", RUN_STAGES, *modules], cwd=work, env=offline_env(work), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -358,7 +347,7 @@ def checkpoint_file(work: Path) -> Path | None:
 def kill_after_first_checkpoint(work: Path) -> int:
     """Start the tomoe stage, SIGKILL it once a checkpoint exists; return the checkpointed step."""
     log = (work / "killed-run.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "stages.tomoe"], cwd=work, env=stage_env(work), stdout=log, stderr=log)
+    process = subprocess.Popen([sys.executable, "-m", "stages.tomoe"], cwd=work, env=offline_env(work), stdout=log, stderr=log)
     deadline = time.monotonic() + 300
     while checkpoint_file(work) is None:
         assert process.poll() is None, f"tomoe exited before its first checkpoint:\n{(work / 'killed-run.log').read_text()[-3000:]}"
