@@ -1,7 +1,8 @@
 """Stage evaluate: perplexity, zero-shot and domain multiple choice, parameters, FLOPs and speed.
 
 Reads `evaluate:`; writes metrics/evaluate.json = {"models": {NAME: {...}}} for every model named in
-evaluate.models (NAME = method[-domain]@kept, e.g. tomoe@0.5; the uncarved model is `dense`), plus
+evaluate.models (NAME = method[-domain]@kept, e.g. tomoe@0.5; the uncarved model is `dense`); domain
+models also get `recovered` against dense and the domain's LoRA-tuned dense (llmcarve.eval.recovery); plus
 plots/zero_shot.csv (DVC plot data) and plots/evaluate.png.
 """
 
@@ -17,6 +18,7 @@ from llmcarve.eval.accounting import parameter_report
 from llmcarve.eval.multiple_choice import score_questions
 from llmcarve.eval.perplexity import Protocol, perplexity
 from llmcarve.eval.plots import plot_evaluation, plot_perplexity_vs_active
+from llmcarve.eval.recovery import add_recovery
 from llmcarve.eval.speed import measure_speed
 from llmcarve.eval.tasks import load_task, select
 from llmcarve.io import read_jsonl, write_json
@@ -28,8 +30,13 @@ from stages.common import ARTIFACTS, METRICS, PLOTS, main
 
 
 def model_dir(name: str) -> Path:
-    """dense is the prepared model; every carved model is a directory written by the remove stage."""
-    return ARTIFACTS / "model" if name == "dense" else ARTIFACTS / "remove" / name
+    """dense is the prepared model; the LoRA baselines come from their stage; every other carved
+    model is a directory written by the remove stage."""
+    if name == "dense":
+        return ARTIFACTS / "model"
+    if name.startswith(("lora-", "twostage-")):
+        return ARTIFACTS / "lora_baselines" / name
+    return ARTIFACTS / "remove" / name
 
 
 def corpus_tokens(tokenizer, where: str) -> list[int]:
@@ -85,6 +92,7 @@ def run(params: Params) -> None:
     with stage_run("evaluate", {"evaluate": section.model_dump(), "seed": params.seed}) as tracker:
         start = time.perf_counter()
         models = {name: evaluate_model(model_dir(name), section, params.seed) for name in section.models}
+        add_recovery(models, section.recovery)
         write_json(METRICS / "evaluate.json", {"models": models, "seconds": time.perf_counter() - start})
         write_plot_data(models)
         tracker.log_metrics({"models": models})

@@ -1,7 +1,8 @@
 """Stage remove: turn every pruning decision into a model that loads with from_pretrained.
 
 ToMoE heads become a deterministic MoE model; the static baseline is chosen from the calibration
-statistics at the same budgets and physically sliced. Writes artifacts/remove/<name>/ (safetensors
+statistics at the same budgets and physically sliced; ATP's LoRA is merged and its decisions sliced
+(checked against the masked model on random tokens, the dropped LoRA groups' norms reported). Writes artifacts/remove/<name>/ (safetensors
 HF directories, class CarvedForCausalLM) and metrics/remove.json (parameters and active ratios).
 """
 
@@ -9,10 +10,14 @@ from __future__ import annotations
 
 import json
 
+import torch
 from safetensors.torch import load_file
 
 from llmcarve.eval.accounting import parameter_report
 from llmcarve.io import atomic_directory, ensure_free_space, write_json
+from llmcarve.methods.atp.convert import convert_atp
+from llmcarve.methods.atp.generator import masks_from_state
+from llmcarve.methods.atp.trainer import LoraRunConfig
 from llmcarve.methods.baselines.static import prune_static
 from llmcarve.methods.tomoe.convert import convert_to_moe
 from llmcarve.methods.tomoe.hypernetwork import ToMoEHeads
@@ -31,8 +36,22 @@ def load_heads(directory, geometry: Geometry, num_experts: int) -> tuple[ToMoEHe
     return heads, json.loads((directory / "training.json").read_text())
 
 
+def convert_atp_run(directory, vocab_size: int, seed: int):
+    """Load the dense model afresh (merging consumes it) and convert one atp-<domain>@p run."""
+    dense, _ = load_model(ARTIFACTS / "model")
+    training = json.loads((directory / "training.json").read_text())
+    probe = torch.randint(0, vocab_size, (2, 64), generator=torch.Generator().manual_seed(seed))
+    return convert_atp(
+        dense,
+        load_file(directory / "lora.safetensors"),
+        masks_from_state(load_file(directory / "masks.safetensors")),
+        LoraRunConfig(**training["config"]["lora"]),
+        probe,
+    )
+
+
 def run(params: Params) -> None:
-    with stage_run("remove", {"tomoe": params.tomoe.model_dump(), "static": params.static.model_dump()}) as tracker:
+    with stage_run("remove", {"tomoe": params.tomoe.model_dump(), "static": params.static.model_dump(), "atp": params.atp.model_dump()}) as tracker:
         dense, tokenizer = load_model(ARTIFACTS / "model")
         geometry = Geometry.from_config(dense.config)
         stats = load_file(ARTIFACTS / "calibration" / "stats.safetensors")
@@ -42,6 +61,11 @@ def run(params: Params) -> None:
             carved[f"tomoe@{p:g}"] = convert_to_moe(dense, heads, params.tomoe.offset, training["v_topk"])
         for p in params.static.budgets:
             carved[f"static@{p:g}"] = prune_static(dense, stats, p)
+        removal = {}
+        for domain in params.atp.domains:
+            for p in params.atp.budgets:
+                name = f"atp-{domain}@{p:g}"
+                carved[name], removal[name] = convert_atp_run(ARTIFACTS / "atp" / name, dense.config.vocab_size, params.seed)
         # all models at once, before the first is written: the old outputs stay until the rename
         ensure_free_space(OUT, sum(saved_model_bytes(m) for m in carved.values()), f"the carved models ({', '.join(carved)})")
         report = {}
@@ -49,7 +73,7 @@ def run(params: Params) -> None:
             for name, model in carved.items():
                 model.save_pretrained(staging / name)
                 tokenizer.save_pretrained(staging / name)
-                report[name] = parameter_report(model, context_len=512)
+                report[name] = parameter_report(model, context_len=512) | ({"removal": removal[name]} if name in removal else {})
         write_json(METRICS / "remove.json", report)
         tracker.log_metrics(report)
 

@@ -22,6 +22,7 @@ def tiny_params(model_dir: Path) -> dict:
     params["calibrate"] = {"domain": "general", "num_blocks": 4, "batch_size": 2}
     params["tomoe"].update(budgets=[0.5], seq_len=32, steps=4, num_experts=4, checkpoint_every=2)
     params["static"] = {"budgets": [0.5]}
+    params["atp"].update(domains=["general"], budgets=[0.5], seq_len=32, steps=6, batch_size=1, calibration_blocks=2, checkpoint_every=3)
     evaluate = params["evaluate"]
     evaluate["perplexity"] = {"seq_len": 512, "max_windows": 3, "corpora": {"boolq_wikipedia": "general/heldout"}}
     evaluate["zero_shot"] = {"arc_easy": {"builtin": "arc_easy"}, "boolq": {"builtin": "boolq"}}
@@ -29,7 +30,8 @@ def tiny_params(model_dir: Path) -> dict:
     evaluate["domain_tasks"] = {"medqa": {"builtin": "medqa"}}
     evaluate["domain_limit"] = 4
     evaluate["speed"] = {"prefill_tokens": 32, "decode_tokens": 4, "repeats": 1}
-    evaluate["models"] = ["dense", "tomoe@0.5", "static@0.5"]
+    evaluate["recovery"] = {"general": {"perplexity": ["boolq_wikipedia"], "tasks": ["medqa"]}}
+    evaluate["models"] = ["dense", "tomoe@0.5", "static@0.5", "lora-general@1.0", "atp-general@0.5", "twostage-general@0.5"]
     return params
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.project import DVC, make_project, offline_env, tiny_params
 
-STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "remove", "evaluate"]
+STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "atp", "lora_baselines", "remove", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,15 @@ def test_dvc_repro_end_to_end(workspace):
     assert 0 < models["tomoe@0.5"]["active_ratio"] <= 1.0
     assert (workspace / "artifacts" / "remove" / "tomoe@0.5" / "config.json").exists()
     assert (workspace / "artifacts" / "calibration" / "stats.safetensors").exists()
+    # ATP and its baselines at the same kept fraction; compact models physically smaller
+    assert models["atp-general@0.5"]["active_ratio"] == pytest.approx(0.5, abs=0.02)
+    assert models["twostage-general@0.5"]["active_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert models["atp-general@0.5"]["params_total"] < report["params_total"]
+    assert models["lora-general@1.0"]["params_total"] == report["params_total"]
+    recovered = models["atp-general@0.5"]["recovered"]
+    assert set(recovered) == {"vs_dense", "vs_lora"} and 0 < recovered["vs_dense"]["mean"] < 2
+    removal = json.loads((workspace / "metrics" / "remove.json").read_text())["atp-general@0.5"]["removal"]
+    assert removal["max_abs_logit_diff"] < 1e-3
     manifest = json.loads((workspace / "artifacts" / "data" / "manifest.json").read_text())
     assert manifest["domains"]["general"]["heldout"]["documents"] == 40
 

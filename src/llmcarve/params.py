@@ -154,6 +154,51 @@ class StaticParams(Section):
     budgets: list[Kept] = Field(default_factory=lambda: [0.5, 0.7], min_length=1)
 
 
+class LoraParams(Section):
+    """LoRA on all seven projections; ATP and both LoRA baselines use these same settings."""
+
+    rank: Annotated[int, Field(gt=0, le=256)] = 8
+    alpha: Annotated[float, Field(gt=0)] = Field(8.0, description="scale = alpha / rank (ATP uses 1)")
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+
+
+class ATPParams(Section):
+    """LoRA fine-tuning on a domain jointly with a pruning-decision generator (see llmcarve.methods.atp).
+
+    Every (domain, p) also produces the baselines at the same tokens and LoRA settings:
+    lora-<domain>@1.0 (LoRA on the dense model) and twostage-<domain>@p (static pruning, then LoRA).
+    """
+
+    domains: list[str] = Field(default_factory=lambda: ["medical"], min_length=1)
+    budgets: list[Kept] = Field(default_factory=lambda: [0.6], min_length=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seq_len: Annotated[int, Field(ge=8)] = 512
+    steps: Annotated[int, Field(ge=2)] = Field(60, description="LoRA updates (one batch each); the baselines take as many")
+    batch_size: Annotated[int, Field(gt=0)] = 2
+    calibration_blocks: Annotated[int, Field(gt=0)] = Field(
+        16, description="the last N training blocks feed the generator only; LoRA never trains on them"
+    )
+    search_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.5, description="share of the steps that alternate generator and LoRA updates; then the decision is frozen"
+    )
+    lora: LoraParams = Field(default_factory=LoraParams)
+    generator_lr: Annotated[float, Field(gt=0)] = 1e-2
+    temperature: Annotated[float, Field(gt=0)] = 0.4
+    offset: float = 3.0
+    ratio_weight: Annotated[float, Field(ge=0)] = 5.0
+    group_lasso_search: Annotated[float, Field(ge=0)] = 0.1
+    group_lasso_final: Annotated[float, Field(gt=0)] = 10.0
+    checkpoint_every: Annotated[int, Field(gt=0)] = 10
+
+
+class DomainRecovery(Section):
+    """The metrics whose pruned / reference ratios are averaged into a domain's recovered performance."""
+
+    perplexity: list[str] = Field(default_factory=list, description="names under evaluate.perplexity.corpora")
+    tasks: list[str] = Field(default_factory=list, description="names under evaluate.domain_tasks")
+
+
 # Named protocols: `preset: seq2048` is shorthand for the values below (explicit keys still win).
 PERPLEXITY_PRESETS = {
     "seq512": {"seq_len": 512, "stride": None, "max_windows": 64, "add_bos": False},
@@ -232,7 +277,21 @@ class EvaluateParams(Section):
     zero_shot_limit: Annotated[int, Field(gt=0)] | None = 200
     domain_tasks: dict[str, TaskSpec] = Field(default_factory=dict)
     domain_limit: Annotated[int, Field(gt=0)] | None = 100
+    recovery: dict[str, DomainRecovery] = Field(default_factory=dict, description="per domain, see DomainRecovery")
     speed: SpeedParams = Field(default_factory=SpeedParams)
+
+    @model_validator(mode="after")
+    def _recovery_names_known_metrics(self) -> "EvaluateParams":
+        for domain, spec in self.recovery.items():
+            for name in spec.perplexity:
+                if name not in self.perplexity.corpora:
+                    raise ValueError(f"recovery.{domain}.perplexity: '{name}' is not under evaluate.perplexity.corpora")
+            for name in spec.tasks:
+                if name not in self.domain_tasks:
+                    raise ValueError(f"recovery.{domain}.tasks: '{name}' is not under evaluate.domain_tasks")
+            if not spec.perplexity and not spec.tasks:
+                raise ValueError(f"recovery.{domain}: name at least one perplexity corpus or task")
+        return self
 
 
 
@@ -243,6 +302,7 @@ class Params(Section):
     calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
     tomoe: ToMoEParams = Field(default_factory=ToMoEParams)
     static: StaticParams = Field(default_factory=StaticParams)
+    atp: ATPParams = Field(default_factory=ATPParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
     def carved_model_names(self) -> list[str]:
@@ -251,7 +311,17 @@ class Params(Section):
             ["dense"]
             + [f"tomoe@{p:g}" for p in self.tomoe.budgets]
             + [f"static@{p:g}" for p in self.static.budgets]
+            + self.domain_model_names()
         )
+
+    def domain_model_names(self) -> list[str]:
+        """ATP's models and its LoRA baselines: atp-<domain>@p, twostage-<domain>@p, lora-<domain>@1.0."""
+        names = []
+        for domain in self.atp.domains:
+            names.append(f"lora-{domain}@1.0")
+            for p in self.atp.budgets:
+                names += [f"atp-{domain}@{p:g}", f"twostage-{domain}@{p:g}"]
+        return names
 
     @model_validator(mode="after")
     def _cross_section_names(self) -> "Params":
@@ -262,6 +332,11 @@ class Params(Section):
             raise ValueError(f"tomoe.domain '{self.tomoe.domain}' is not under data.domains ({', '.join(domains)})")
         if self.tomoe.seq_len > self.data.block_size:
             raise ValueError(f"tomoe.seq_len {self.tomoe.seq_len} is longer than data.block_size {self.data.block_size}")
+        for domain in self.atp.domains:
+            if domain not in domains:
+                raise ValueError(f"atp.domains: '{domain}' is not under data.domains ({', '.join(domains)})")
+        if self.atp.seq_len > self.data.block_size:
+            raise ValueError(f"atp.seq_len {self.atp.seq_len} is longer than data.block_size {self.data.block_size}")
         produced = self.carved_model_names()
         for name in self.evaluate.models:
             if name not in produced:
