@@ -9,8 +9,10 @@ Models are named <method>-<domain>@<kept>; references are `dense` and `lora-<dom
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from llmcarve.params import DomainRecovery
+if TYPE_CHECKING:  # GPU benchmark hosts run this without pydantic: any object with these two lists works
+    from llmcarve.params import DomainRecovery
 
 DOMAIN_MODEL = re.compile(r"^(?P<method>[a-z]+)-(?P<domain>[a-z0-9_]+)@(?P<kept>[0-9.]+)$")
 
