@@ -77,7 +77,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--generator-lr", type=float, default=1e-2)
+    parser.add_argument("--search-fraction", type=float, default=0.5)
     parser.add_argument("--calibration-blocks", type=int, default=64)
+    parser.add_argument("--methods", nargs="+", choices=["lora", "atp", "twostage"], default=["lora", "atp", "twostage"])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # train and evaluate in true fp32, as on the CPU
@@ -89,7 +91,7 @@ def main() -> None:
     tokens = {f"{args.domain}_heldout": inputs[f"{args.domain}.heldout_tokens"].tolist(), "boolq_wikipedia": inputs["general.heldout_tokens"].tolist()}
     questions = {k: v for k, v in load_questions(Path(args.inputs) / "atp_tasks.json").items() if k in DOMAIN_TASKS[args.domain]}
     run = LoraRunConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=10**9)
-    config = ATPConfig(lora=run, p=args.p, generator_lr=args.generator_lr)
+    config = ATPConfig(lora=run, p=args.p, generator_lr=args.generator_lr, search_fraction=args.search_fraction)
     results = {
         "date": dt.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
@@ -107,25 +109,16 @@ def main() -> None:
     stats = collect_channel_stats(dense, inputs["general.train_blocks"][:32].long().cuda(), batch_size=8, progress=False)
     del dense
 
-    tuned, cost = timed(lambda: train_lora(fresh()[0], lora_blocks, run, Path(f"/tmp/ckpt-{args.domain}-lora")))
-    results["models"][f"lora-{args.domain}@1.0"] = evaluate(merged_model(tuned[0]), tokenizer, tokens, questions) | {"training": cost}
-    del tuned
-
-    atp, cost = timed(lambda: train_atp(fresh()[0], lora_blocks, calibration_blocks, config, Path(f"/tmp/ckpt-{args.domain}-atp")))
-    probe = torch.randint(0, tokenizer.vocab_size, (2, 64), device="cuda")
-    state = {name: value.detach().clone() for name, value in lora_parameters(atp.model).items()}
-    compact, removal = convert_atp(fresh()[0], state, atp.masks, run, probe)
-    history = atp.history
-    curve = [round(history[i]["lora_ce"], 3) for i in range(0, len(history), max(1, len(history) // 20))]
-    results["models"][f"atp-{args.domain}@{args.p:g}"] = evaluate(compact, tokenizer, tokens, questions) | {
-        "training": cost | {"freeze": atp.report["freeze"], "lora_ce_curve": curve, "kept": atp.report["kept"]},
-        "removal": removal,
-    }
-    del atp, compact
-
-    static = prune_static(fresh("cpu")[0], stats, args.p).cuda()
-    tuned, cost = timed(lambda: train_lora(static, lora_blocks, run, Path(f"/tmp/ckpt-{args.domain}-twostage")))
-    results["models"][f"twostage-{args.domain}@{args.p:g}"] = evaluate(merged_model(tuned[0]), tokenizer, tokens, questions) | {"training": cost}
+    if "lora" in args.methods:
+        tuned, cost = timed(lambda: train_lora(fresh()[0], lora_blocks, run, Path(f"/tmp/ckpt-{args.domain}-lora")))
+        results["models"][f"lora-{args.domain}@1.0"] = evaluate(merged_model(tuned[0]), tokenizer, tokens, questions) | {"training": cost}
+        del tuned
+    if "atp" in args.methods:
+        run_atp(args, config, fresh, lora_blocks, calibration_blocks, tokenizer, tokens, questions, results)
+    if "twostage" in args.methods:
+        static = prune_static(fresh("cpu")[0], stats, args.p).cuda()
+        tuned, cost = timed(lambda: train_lora(static, lora_blocks, run, Path(f"/tmp/ckpt-{args.domain}-twostage")))
+        results["models"][f"twostage-{args.domain}@{args.p:g}"] = evaluate(merged_model(tuned[0]), tokenizer, tokens, questions) | {"training": cost}
 
     spec = SimpleNamespace(perplexity=[f"{args.domain}_heldout"], tasks=DOMAIN_TASKS[args.domain])
     add_recovery(results["models"], {args.domain: spec})
@@ -135,6 +128,21 @@ def main() -> None:
         acc = {k: round(v["acc"], 3) for k, v in report["domain"].items()}
         recovered = {k: round(v["mean"], 3) for k, v in report.get("recovered", {}).items()}
         print(f"{name:22s} active {report['active_ratio']:.3f} ppl {ppl} acc {acc} recovered {recovered}")
+
+
+def run_atp(args, config, fresh, lora_blocks, calibration_blocks, tokenizer, tokens, questions, results) -> None:
+    checkpoints = Path(f"/tmp/ckpt-{args.domain}-atp-{args.generator_lr:g}")
+    atp, cost = timed(lambda: train_atp(fresh()[0], lora_blocks, calibration_blocks, config, checkpoints))
+    probe = torch.randint(0, tokenizer.vocab_size, (2, 64), device="cuda")
+    state = {name: value.detach().clone() for name, value in lora_parameters(atp.model).items()}
+    compact, removal = convert_atp(fresh()[0], state, atp.masks, config.lora, probe)
+    history = atp.history
+    curve = [round(history[i]["lora_ce"], 3) for i in range(0, len(history), max(1, len(history) // 20))]
+    results["models"][f"atp-{args.domain}@{args.p:g}"] = evaluate(compact, tokenizer, tokens, questions) | {
+        "training": cost | {"freeze": atp.report["freeze"], "lora_ce_curve": curve, "kept": atp.report["kept"]},
+        "removal": removal,
+    }
+    del atp, compact
 
 
 if __name__ == "__main__":
