@@ -147,3 +147,15 @@ def test_domain_blocks_keep_generator_and_lora_data_apart(tmp_path, monkeypatch)
     assert not {tuple(row.tolist()) for row in lora} & {tuple(row.tolist()) for row in calibration}
     with pytest.raises(ValueError, match="calibration_blocks"):
         stage.domain_blocks(ATPParams(seq_len=16, calibration_blocks=40), "medical")
+
+
+def test_results_table_shows_recovered_performance_only_when_measured():
+    from llmcarve.eval.report import markdown_table
+
+    base = {"active_ratio": 1.0, "params_total": 1e8, "ppl": {"text": {"ppl": 20.0}}, "zero_shot": {}, "domain": {}}
+    plain = markdown_table({"dense": base})
+    assert "recovered" not in plain
+    pruned = base | {"active_ratio": 0.6, "recovered": {"vs_dense": {"mean": 0.8125}}}
+    table = markdown_table({"dense": base, "atp-med@0.6": pruned}).splitlines()
+    assert "recovered vs dense | recovered vs LoRA-dense" in table[0]
+    assert "| 0.812 |  |" in table[3]  # vs LoRA-dense left empty: no lora-med@1.0 was evaluated

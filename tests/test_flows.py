@@ -26,7 +26,7 @@ import pytest
 from flows.workspace import FlowWorkspace, StageFailed
 from tests.project import DVC, ROOT, make_project, offline_env, tiny_params
 
-STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "remove", "evaluate"]
+STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "atp", "lora_baselines", "remove", "evaluate"]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # for this run only; num_processes 2 makes the tomoe stage relaunch itself under torchrun
