@@ -58,13 +58,12 @@ class ATPMasker:
                 (mlp.up_proj, "mlp"),
             ):
                 # A PEFT LoRA layer wraps the frozen nn.Linear as `base_layer`; without LoRA both
-                # forwards are the same and the projection itself is hooked.
+                # forwards are the same and both hooks sit on the projection itself.
                 frozen = getattr(projection, "base_layer", projection)
-                self._handles.append(projection.register_forward_hook(self._hook(index, kind, Forward.PRUNED)))
-                if frozen is not projection:
-                    self._handles.append(frozen.register_forward_hook(self._hook(index, kind, Forward.FROZEN_BRANCH)))
-                else:
-                    self._handles.append(projection.register_forward_hook(self._hook(index, kind, Forward.FROZEN_BRANCH)))
+                self._handles += [
+                    projection.register_forward_hook(self._hook(index, kind, Forward.PRUNED)),
+                    frozen.register_forward_hook(self._hook(index, kind, Forward.FROZEN_BRANCH)),
+                ]
         return self
 
     def detach(self) -> None:
