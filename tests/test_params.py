@@ -72,13 +72,25 @@ def test_bad_value_is_refused_with_key_value_and_allowed(key, value, words):
 
 
 def test_perplexity_presets_fill_the_protocol_and_explicit_keys_win():
-    raw = with_change("evaluate.perplexity", {"preset": "seq2048"})
+    corpora = SHIPPED["evaluate"]["perplexity"]["corpora"]
+    raw = with_change("evaluate.perplexity", {"preset": "seq2048", "corpora": corpora})
     protocol = validate(raw).evaluate.perplexity
     assert (protocol.seq_len, protocol.max_windows, protocol.add_bos) == (2048, 32, False)
-    raw = with_change("evaluate.perplexity", {"preset": "seq512", "max_windows": 8})
+    raw = with_change("evaluate.perplexity", {"preset": "seq512", "max_windows": 8, "corpora": corpora})
     assert (validate(raw).evaluate.perplexity.seq_len, validate(raw).evaluate.perplexity.max_windows) == (512, 8)
     with pytest.raises(ParamsError, match="preset"):
-        validate(with_change("evaluate.perplexity", {"preset": "seq4096"}))
+        validate(with_change("evaluate.perplexity", {"preset": "seq4096", "corpora": corpora}))
+
+
+def test_atp_and_recovery_names_are_checked_against_the_rest_of_the_file():
+    with pytest.raises(ParamsError, match="atp.domains: 'dental' is not under data.domains"):
+        validate(with_change("atp.domains", ["medical", "dental"]))
+    with pytest.raises(ParamsError, match="recovery.legal.tasks: 'caselaw' is not under evaluate.domain_tasks"):
+        validate(with_change("evaluate.recovery.legal.tasks", ["caselaw"]))
+    with pytest.raises(ParamsError, match="search_fraction"):
+        validate(with_change("atp.search_fraction", 1.0))  # no step would be left for the frozen decision
+    with pytest.raises(ParamsError, match="'atp-legal@0.5' is not produced"):
+        validate(with_change("evaluate.models", ["dense", "atp-legal@0.5"]))
 
 
 def test_every_problem_is_reported_at_once():
