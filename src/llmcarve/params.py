@@ -170,7 +170,9 @@ class ATPParams(Section):
     lora-<domain>@1.0 (LoRA on the dense model) and twostage-<domain>@p (static pruning, then LoRA).
     """
 
-    domains: list[str] = Field(default_factory=lambda: ["medical"], min_length=1)
+    domains: list[str] = Field(
+        default_factory=list, description="domains to tune on (names under data.domains); none skips ATP and its baselines"
+    )
     budgets: list[Kept] = Field(default_factory=lambda: [0.6], min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seq_len: Annotated[int, Field(ge=8)] = 512
@@ -335,7 +337,7 @@ class Params(Section):
         for domain in self.atp.domains:
             if domain not in domains:
                 raise ValueError(f"atp.domains: '{domain}' is not under data.domains ({', '.join(domains)})")
-        if self.atp.seq_len > self.data.block_size:
+        if self.atp.domains and self.atp.seq_len > self.data.block_size:
             raise ValueError(f"atp.seq_len {self.atp.seq_len} is longer than data.block_size {self.data.block_size}")
         produced = self.carved_model_names()
         for name in self.evaluate.models:
