@@ -20,6 +20,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
 MLFLOW_PORT ?= 5000
+# Where `make mlflow-server` keeps the artifacts it serves (runs and registered models).
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
 PREFECT_PORT ?= 4200
 # Prefect's server database and settings stay in the project (ignored by git), not in ~/.prefect.
 PREFECT_HOME ?= $(CURDIR)/.prefect
@@ -28,7 +30,7 @@ PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 PREFECT_ENV := PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=$(PREFECT_API_URL) \
 	LLMCARVE_PROJECT_DIR=$(CURDIR)
 
-.PHONY: run test ui server deploy worker setup clean-venv
+.PHONY: run test ui server mlflow-server deploy worker setup clean-venv
 
 setup: $(STAMP)
 
@@ -59,6 +61,12 @@ ui: $(STAMP)
 # The Prefect server alone (what a team runs on one host; see README "Orchestration").
 server: $(STAMP)
 	$(PREFECT_ENV) prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# An MLflow tracking server alone (runs, registry, artifacts proxied), on 127.0.0.1: clients then use
+# MLFLOW_TRACKING_URI=http://127.0.0.1:5000 and need no access to its disk.
+mlflow-server: $(STAMP)
+	mlflow server --backend-store-uri $(MLFLOW_TRACKING_URI) --artifacts-destination $(MLFLOW_ARTIFACTS) \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 # Register prefect.yaml's deployments and the `gpu` work pool (one flow run at a time per worker).
 deploy: $(STAMP)

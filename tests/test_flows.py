@@ -9,10 +9,7 @@ the flow with its own message, a sweep writes one comparison table.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,28 +21,14 @@ import psutil
 import pytest
 
 from flows.workspace import FlowWorkspace, StageFailed
+from tests.processes import free_port, stop_group
 from tests.project import DVC, ROOT, make_project, offline_env, tiny_params
 
-STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "atp", "lora_baselines", "remove", "evaluate"]
+STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "atp", "lora_baselines", "remove", "evaluate", "export_onnx", "register"]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # for this run only; num_processes 2 makes the tomoe stage relaunch itself under torchrun
 OVERRIDES = {"tomoe.num_processes": 2, "tomoe.batch_size": 2}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process group we started (make + server, or a worker and its flow runs); SIGKILL if it lingers."""
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 class Server:
@@ -113,6 +96,7 @@ def project(tmp_path_factory, smollm2_dir) -> Path:
     # test_pipeline checks what evaluate measures; here it only has to run, so it measures little
     params["evaluate"].update(models=["dense", "tomoe@0.5"], zero_shot={"arc_easy": {"builtin": "arc_easy"}}, zero_shot_limit=4, domain_limit=2)
     params["evaluate"]["perplexity"]["max_windows"] = 1
+    params["export_onnx"]["models"] = []  # test_pipeline exports and registers; here the stages only have to run
     return make_project(tmp_path_factory.mktemp("flow-project"), params, orchestration=True)
 
 

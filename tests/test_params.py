@@ -59,6 +59,11 @@ BAD_INPUTS = [
     ("evaluate.zero_shot.arc_easy", {"path": "tests/__init__.py"}, ["a path task needs", "context_template"]),
     ("evaluate.zero_shot_limit", -1, ["zero_shot_limit", "greater than 0"]),
     ("tomoe.num_processes", 2, ["tomoe.batch_size=1", "multiple of tomoe.num_processes=2"]),
+    ("export_onnx.models", ["dense", "tomoe@0.9"], ["export_onnx.models", "tomoe@0.9", "allowed: dense, tomoe@0.5"]),
+    ("export_onnx.max_rel_err", 0, ["export_onnx.max_rel_err", "greater than 0"]),
+    ("registry.prefix", "my models", ["registry.prefix", "'my models'", "pattern"]),
+    ("registry.champion.goal", "lowest", ["registry.champion.goal", "'minimize' or 'maximize'"]),
+    ("registry.domain_champion.dental", {"metric": "ppl.x.ppl"}, ["registry.domain_champion", "'dental'", "not under atp.domains"]),
 ]
 
 

@@ -5,10 +5,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.project import DVC, make_project, offline_env, tiny_params
 
-STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "atp", "lora_baselines", "remove", "evaluate"]
+STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "atp", "lora_baselines", "remove", "evaluate", "export_onnx", "register"]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,32 @@ def test_dvc_repro_end_to_end(workspace):
     assert "dvc.dep.artifacts/model" in children["evaluate"].data.tags
     assert children["evaluate"].data.metrics["models.dense.ppl.boolq_wikipedia.ppl"] == pytest.approx(report["ppl"]["boolq_wikipedia"]["ppl"])
     assert children["prepare_data"].inputs.dataset_inputs, "datasets must be logged as MLflow inputs"
+
+    # ONNX: the exported graph computes what PyTorch computes and generates the same tokens
+    exported = json.loads((workspace / "metrics" / "export_onnx.json").read_text())["models"]
+    assert set(exported) == {"static@0.5"}
+    parity = exported["static@0.5"]
+    assert parity["rel_err"] <= 1e-4 and parity["greedy_match"] and parity["greedy_tokens"] == 8
+    assert parity["file_bytes"] == sum(p.stat().st_size for p in (workspace / "artifacts" / "onnx" / "static@0.5").glob("model.onnx*"))
+    assert parity["speed"]["onnxruntime"]["decode_tokens_per_s"] > 0 and parity["speed"]["pytorch"]["prefill_tokens_per_s"] > 0
+
+    # the registry: a version with aliases, its own run under the register stage, lineage on the version
+    from mlflow.tracking import MlflowClient
+
+    registered = json.loads((workspace / "metrics" / "register.json").read_text())["models"]["static@0.5"]
+    client = MlflowClient(f"sqlite:///{workspace}/mlflow.db")
+    assert registered["registered_name"] == "llmcarve-static"
+    for alias in ("candidate", "champion"):
+        assert client.get_model_version_by_alias("llmcarve-static", alias).version == registered["version"]
+    version = client.get_model_version("llmcarve-static", registered["version"])
+    model_run = client.get_run(version.run_id)
+    assert model_run.data.tags["mlflow.parentRunId"] == children["register"].info.run_id
+    assert version.tags["llmcarve.pipeline_run_id"] == parents[0].info.run_id
+    assert version.tags["llmcarve.base_model"] == yaml.safe_load((workspace / "params.yaml").read_text())["model"]["source"]
+    assert version.tags["dvc.dep.artifacts/remove"].endswith(".dir") and version.tags["git_commit"]
+    assert model_run.data.metrics["active_ratio"] == pytest.approx(models["static@0.5"]["active_ratio"])
+    contexts = {tag.value for entry in model_run.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"}
+    assert contexts == {"calibration", "evaluation"}
 
     # A second repro changes nothing and logs nothing.
     second = repro(workspace)

@@ -297,6 +297,43 @@ class EvaluateParams(Section):
 
 
 
+class ExportSpeedParams(Section):
+    """onnxruntime against PyTorch on the CPU, batch 1, both on the same threads."""
+
+    prefill_tokens: Annotated[int, Field(gt=0)] = 128
+    repeats: Annotated[int, Field(gt=0)] = 3
+
+
+class ExportOnnxParams(Section):
+    """Stage export_onnx: the listed models to ONNX (one graph with past keys/values), checked against PyTorch."""
+
+    models: list[str] = Field(default_factory=lambda: ["dense"], description="names the pipeline produces; [] exports none")
+    max_rel_err: Annotated[float, Field(gt=0)] = Field(1e-4, description="||logit diff|| / ||logits|| allowed, fp32")
+    greedy_tokens: Annotated[int, Field(gt=0)] = Field(32, description="greedy tokens onnxruntime must generate as PyTorch does")
+    optimize: bool = Field(False, description="run the ONNX exporter's graph rewriter (slower export; see params.yaml)")
+    speed: ExportSpeedParams | None = Field(default_factory=ExportSpeedParams, description="null skips the timing")
+
+
+class ChampionRule(Section):
+    """Which version of a registered model gets the alias `champion`: the best `metric` among the versions
+    whose measured active ratio is at most `max_active_ratio` (uncarved models, kept 1.0, always compete)."""
+
+    metric: str = Field(..., description="dotted path into a model's entry of metrics/evaluate.json, e.g. ppl.boolq_wikipedia.ppl")
+    goal: Literal["minimize", "maximize"] = "minimize"
+    max_active_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+
+
+class RegistryParams(Section):
+    """Stage register: every exported model logged to MLflow (HF directory + ONNX flavor) and registered as
+    `<prefix>-<method>[-<domain>]`; alias `candidate` = the newest version, `champion` = by rule."""
+
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = "llmcarve"
+    champion: ChampionRule = Field(default_factory=lambda: ChampionRule(metric="ppl.boolq_wikipedia.ppl"))
+    domain_champion: dict[str, ChampionRule] = Field(
+        default_factory=dict, description="per domain, the rule for its models (<method>-<domain>@p); absent = `champion`"
+    )
+
+
 class Params(Section):
     seed: int = 0
     model: ModelParams = Field(default_factory=ModelParams)
@@ -306,6 +343,8 @@ class Params(Section):
     static: StaticParams = Field(default_factory=StaticParams)
     atp: ATPParams = Field(default_factory=ATPParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    export_onnx: ExportOnnxParams = Field(default_factory=ExportOnnxParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
 
     def carved_model_names(self) -> list[str]:
         """Names of the models the pipeline produces, as evaluate.models may list them."""
@@ -343,6 +382,12 @@ class Params(Section):
         for name in self.evaluate.models:
             if name not in produced:
                 raise ValueError(f"evaluate.models: '{name}' is not produced by this params file; allowed: {', '.join(produced)}")
+        for name in self.export_onnx.models:
+            if name not in produced:
+                raise ValueError(f"export_onnx.models: '{name}' is not produced by this params file; allowed: {', '.join(produced)}")
+        for domain in self.registry.domain_champion:
+            if domain not in self.atp.domains:
+                raise ValueError(f"registry.domain_champion: '{domain}' is not under atp.domains ({', '.join(self.atp.domains)})")
         for name, where in self.evaluate.perplexity.corpora.items():
             if where.split("/")[0] not in domains:
                 raise ValueError(f"evaluate.perplexity.corpora.{name}: domain of '{where}' is not under data.domains")

@@ -17,6 +17,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from llmcarve.export.compare import difference
 from llmcarve.export.runtime import OnnxCausalLM
 from llmcarve.models.adapters import adapter_for
 
@@ -100,16 +101,8 @@ def expert_parity(model: nn.Module, lm: OnnxCausalLM, per_expert: int = 4, seed:
             if (layer, expert) not in logits:
                 unreached.append({"layer": layer, "expert": expert})
                 continue
-            actual, expected = logits[layer, expert]
-            difference = float(np.abs(actual - expected).max())
             checked.append(
-                {
-                    "layer": layer,
-                    "expert": expert,
-                    "sequences": list(inputs[layer, expert].shape),
-                    "max_abs_diff": difference,
-                    "rel_err": difference / float(np.abs(expected).max()),
-                }
+                {"layer": layer, "expert": expert, "sequences": list(inputs[layer, expert].shape), **difference(*logits[layer, expert])}
             )
     return {
         "checked": checked,

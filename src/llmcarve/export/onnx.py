@@ -53,6 +53,7 @@ class OnnxExport:
     parameter_bytes: int
     exporter: str = EXPORTER
     opset: int = OPSET
+    optimized: bool = False
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
 
@@ -71,8 +72,10 @@ class OnnxExport:
         return manifest
 
     @classmethod
-    def load(cls, directory: str | Path) -> "OnnxExport":
-        manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    def load(cls, directory: str | Path, manifest: str | Path | None = None) -> "OnnxExport":
+        """The export in `directory`; `manifest` when its export.json lies elsewhere (an MLflow download
+        keeps it under extra_files/)."""
+        manifest = json.loads(Path(manifest or Path(directory) / MANIFEST_FILE).read_text(encoding="utf-8"))
         manifest["layers"] = [LayerCache(**layer) for layer in manifest["layers"]]
         return cls(directory=Path(directory), **manifest)
 
@@ -117,10 +120,15 @@ def export_onnx(
     *,
     external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD_BYTES,
     opset: int = OPSET,
+    optimize: bool = False,
 ) -> OnnxExport:
     """Export `model` (an in-memory model or a saved model directory) to `out_dir` and return its description.
 
     `out_dir` is replaced as a whole, and only once the graph has passed `onnx.checker`.
+    `optimize` runs onnxscript's rewriter over the graph. Off by default: on SmolLM2-135M (2-core CPU)
+    it doubled the export (169 s against 81 s) and onnxruntime ran the result no faster (prefill
+    386 against 396 tokens/s, decode 25.1 against 25.2), because onnxruntime fuses the same
+    patterns itself when it loads a graph.
     """
     model = as_model(model)
     adapter_for(model.config)  # a clear error for a family the graph wrapper does not know
@@ -138,6 +146,7 @@ def export_onnx(
         external_data=weights > external_data_threshold_bytes,
         parameter_bytes=weights,
         opset=opset,
+        optimized=optimize,
         inputs=[INPUT_IDS, *past_names(len(layers))],
         outputs=[LOGITS, *present_names(len(layers))],
     )
@@ -150,6 +159,7 @@ def export_onnx(
             program,
             opset_version=opset,
             dynamo=True,
+            optimize=optimize,
             input_names=description.inputs,
             output_names=description.outputs,
             dynamic_shapes=dynamic_shapes,  # only to name the graph's axes (batch, sequence, past_sequence)
