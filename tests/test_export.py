@@ -4,6 +4,7 @@ carved static and ToMoE MoE models; every expert is in the MoE graph; external d
 Each model is exported once per module (the dynamo export is most of the time here).
 """
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from llmcarve.export import EXTERNAL_DATA_THRESHOLD_BYTES, OnnxCausalLM, check_parity, export_onnx
+from llmcarve.export.compare import difference
 from llmcarve.export.experts import expert_parity, expert_weights_missing, router_choices
 from llmcarve.export.onnx import as_model, parameter_bytes
 from llmcarve.export.parity import torch_greedy
@@ -130,6 +132,27 @@ def test_dense_export_matches_pytorch(exported, kind):
     assert_matches(report)
     assert report["file_bytes"] == export.path.stat().st_size and not report["external_data"]
     assert not list(export.directory.glob("*.data"))  # under the threshold: one self-contained file
+
+
+def test_parity_sees_a_graph_that_no_longer_matches_its_model(exported):
+    """A 0.1% change to one weight after export: far above the tolerance, far above the fp32 floor."""
+    from stages.export_onnx import failures
+
+    model, export = exported("llama-gqa")
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.model.layers[1].mlp.down_proj.weight.mul_(1.001)
+    report = check_parity(changed, export, **QUICK)
+    assert 1e-4 < report["rel_err"] < 1e-2, report["per_shape"]
+    assert report["pytorch_fp32_vs_fp64"]["rel_err"] < 1e-5  # the rounding floor of this tiny model
+    assert "logits rel_err" in failures({"llama-gqa": report}, max_rel_err=1e-4)["llama-gqa"]
+    assert failures({"llama-gqa": check_parity(model, export, **QUICK)}, max_rel_err=1e-4) == {}
+
+
+def test_relative_error_is_in_norm_and_the_peak_is_kept_beside_it():
+    expected = np.array([[3.0, -4.0], [0.0, 0.0]])
+    report = difference(expected + np.array([[0.0, 0.5], [0.0, 0.0]]), expected)
+    assert report == {"max_abs_diff": 0.5, "rel_err": 0.1, "peak_rel_err": 0.125}
 
 
 def test_speed_section_compares_onnxruntime_with_pytorch(exported):
