@@ -18,7 +18,17 @@ def experts_cell(report: dict) -> str:
     return f"{checked}/{checked + len(experts['unreached'])} routed, rel {experts['max_rel_err']:.1e}, {missing}"
 
 
-def row(name: str, report: dict, registered: dict | None) -> str:
+def final_champions(registered: dict) -> dict[str, str]:
+    """Registered name -> its champion after the stage: what the newest version's registration left."""
+    newest = {}
+    for entry in registered.values():
+        name = entry["registered_name"]
+        if name not in newest or int(entry["version"]) > int(newest[name]["version"]):
+            newest[name] = entry
+    return {name: str(entry["champion"]) for name, entry in newest.items()}
+
+
+def row(name: str, report: dict, registered: dict | None, champions: dict[str, str]) -> str:
     speed = report.get("speed", {})
     ort, torch = speed.get("onnxruntime", {}), speed.get("pytorch", {})
     cells = [
@@ -31,7 +41,8 @@ def row(name: str, report: dict, registered: dict | None) -> str:
         experts_cell(report),
         f"{ort.get('prefill_tokens_per_s', 0):.0f} / {torch.get('prefill_tokens_per_s', 0):.0f} ({speed.get('prefill_speedup', 0):.2f}x)",
         f"{ort.get('decode_tokens_per_s', 0):.1f} / {torch.get('decode_tokens_per_s', 0):.1f} ({speed.get('decode_speedup', 0):.2f}x)",
-        f"`{registered['registered_name']}` v{registered['version']}" + (" champion" if registered["champion"] == registered["version"] else "")
+        f"`{registered['registered_name']}` v{registered['version']}"
+        + (" (champion)" if champions.get(registered["registered_name"]) == str(registered["version"]) else "")
         if registered else "",
     ]
     return "| " + " | ".join(cells) + " |"
@@ -43,7 +54,8 @@ def table(exported: dict, registered: dict) -> str:
         "prefill tok/s ORT / PyTorch", "decode tok/s ORT / PyTorch", "registered",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [row(name, report, registered.get(name)) for name, report in exported.items()]
+    champions = final_champions(registered)
+    lines += [row(name, report, registered.get(name), champions) for name, report in exported.items()]
     return "\n".join(lines)
 
 
