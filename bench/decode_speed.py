@@ -29,6 +29,7 @@ import sys
 import time
 
 import torch
+from timing import cuda_event_ms
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmcarve.kernels.moe_mlp import FastMLP
@@ -177,18 +178,6 @@ def check_decoder(model: CarvedForCausalLM, name: str) -> dict:
     return results
 
 
-def events_ms(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 @torch.inference_mode()
 def static_decode_tps(model, batch: int, compile_layers: bool = False) -> float:
     decoder = StaticDecoder(model, batch=batch, max_length=PROMPT + NEW_TOKENS + 8, mlps=fast_mlps(model))
@@ -205,7 +194,7 @@ def static_decode_tps(model, batch: int, compile_layers: bool = False) -> float:
             for _ in range(NEW_TOKENS):
                 decoder.graph.replay()
 
-        runs += events_ms(replay_all, 1)
+        runs += cuda_event_ms(replay_all, 1)
     del decoder
     return batch * NEW_TOKENS / (statistics.median(runs) / 1e3)
 
@@ -290,7 +279,7 @@ def static_prefill_tps(model, tokens: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         decoder.prefill(ids)
-    ms = statistics.median(events_ms(graph.replay, 10))
+    ms = statistics.median(cuda_event_ms(graph.replay, 10))
     del decoder, graph
     return tokens / (ms / 1e3)
 
@@ -300,7 +289,7 @@ def hf_prefill_tps(model, tokens: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=DEVICE)
     for _ in range(2):
         model(input_ids=ids, use_cache=False)
-    ms = statistics.median(events_ms(lambda: model(input_ids=ids, use_cache=False), 5))
+    ms = statistics.median(cuda_event_ms(lambda: model(input_ids=ids, use_cache=False), 5))
     return tokens / (ms / 1e3)
 
 

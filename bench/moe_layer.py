@@ -32,6 +32,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from timing import cuda_event_ms
 
 from llmcarve.kernels import moe_mlp
 from llmcarve.models.carved import CarvedMLP
@@ -76,15 +77,7 @@ def gather_per_call(layer: CarvedMLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def events_median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(cuda_event_ms(fn, repeats))
 
 
 def eager_ms(fn, inputs: list[torch.Tensor], repeats: int = 40) -> float:

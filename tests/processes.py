@@ -4,6 +4,10 @@ import os
 import signal
 import socket
 import subprocess
+import time
+from pathlib import Path
+
+import httpx
 
 
 def free_port() -> int:
@@ -19,3 +23,17 @@ def stop_group(process: subprocess.Popen) -> None:
         process.wait(30)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def wait_until_healthy(url: str, healthy, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Poll `url` until `healthy(response)`; fail with the server's log if it exits or never answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if healthy(httpx.get(url, timeout=2)):
+                return
+        except (httpx.HTTPError, ValueError):  # not listening yet, or an answer that is not JSON yet
+            pass
+        assert process.poll() is None, log.read_text()[-3000:]
+        time.sleep(1)
+    raise AssertionError(f"{url} did not answer healthy in {timeout:.0f} s:\n" + log.read_text()[-3000:])

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from flows.workspace import FlowWorkspace, StageFailed
-from tests.processes import free_port, stop_group
+from tests.processes import free_port, stop_group, wait_until_healthy
 from tests.project import DVC, ROOT, make_project, offline_env, tiny_params
 
 STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "atp", "lora_baselines", "remove", "evaluate", "export_onnx", "register"]
@@ -73,17 +73,7 @@ def server(tmp_path_factory):
     )
     api = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).json() is True:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert make.poll() is None, (home / "server.log").read_text()[-3000:]
-            time.sleep(1)
-        else:
-            raise AssertionError("the Prefect server did not become healthy in 120 s:\n" + (home / "server.log").read_text()[-3000:])
+        wait_until_healthy(f"{api}/health", lambda response: response.json() is True, make, home / "server.log")
         yield Server(api, {**env, "PREFECT_API_URL": api})
     finally:
         stop_group(make)

@@ -8,9 +8,7 @@ rule moves the alias across versions. The rule's arithmetic is checked without a
 from __future__ import annotations
 
 import subprocess
-import time
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -28,7 +26,7 @@ from llmcarve.tracking.registry import (
     registered_name,
     report_value,
 )
-from tests.processes import free_port, stop_group
+from tests.processes import free_port, stop_group, wait_until_healthy
 from tests.project import ROOT, offline_env
 from tests.test_export import tiny_carved_static
 from tests.tiny import save_tiny
@@ -82,17 +80,7 @@ def tracking_server(tmp_path_factory):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert make.poll() is None, (home / "server.log").read_text()[-3000:]
-            time.sleep(1)
-        else:
-            raise AssertionError("the MLflow server did not answer in 120 s:\n" + (home / "server.log").read_text()[-3000:])
+        wait_until_healthy(f"{uri}/health", lambda response: response.status_code == 200, make, home / "server.log")
         yield uri
     finally:
         stop_group(make)
