@@ -93,7 +93,7 @@ def test_dvc_repro_end_to_end(workspace):
     client = MlflowClient(f"sqlite:///{workspace}/mlflow.db")
     assert registered["registered_name"] == "llmcarve-static"
     for alias in ("candidate", "champion"):
-        assert client.get_model_version_by_alias("llmcarve-static", alias).version == registered["version"]
+        assert str(client.get_model_version_by_alias("llmcarve-static", alias).version) == registered["version"]  # int from a SQLite store
     version = client.get_model_version("llmcarve-static", registered["version"])
     model_run = client.get_run(version.run_id)
     assert model_run.data.tags["mlflow.parentRunId"] == children["register"].info.run_id
