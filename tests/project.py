@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -36,6 +37,18 @@ def tiny_params(model_dir: Path) -> dict:
     params["export_onnx"].update(models=["static@0.5"], greedy_tokens=8, speed={"prefill_tokens": 16, "repeats": 1})
     params["registry"]["domain_champion"] = {}  # the shipped rules name medical and legal, which this file lacks
     return params
+
+
+@contextmanager
+def scratch_dir(tmp_path_factory, name: str):
+    """A temporary directory removed when the block ends. A tiny project still holds several copies of the
+    real model (about 6 GB with its DVC cache and MLflow store); kept to the end of the session, two such
+    projects doubled the suite's peak disk use past what a CI machine had free."""
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def make_project(work: Path, params: dict, orchestration: bool = False) -> Path:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig, Mist
 
 import llmcarve  # noqa: F401  (registers the carved model with the Auto classes)
 from llmcarve.eval.accounting import attention_mlp_weights, parameter_report
+from llmcarve.kernels import moe_mlp
 from llmcarve.models.adapters import Geometry
 from llmcarve.models.carve import LayerPlan, carve
 from llmcarve.models.carved import CarvedForCausalLM, DynamicVMask, attention_mask_for
@@ -266,23 +267,43 @@ def test_v_mask_keeps_at_most_v_active_dims_per_token():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("fast_path", ["sorted", "grouped"])
-def test_masked_and_fast_moe_paths_agree(fast_path):
+@pytest.mark.parametrize("fast_path", ["auto", "grouped", "sorted"])
+@pytest.mark.parametrize("length", [1, 20, 120])  # "auto": one token, the masked union, grouped GEMMs
+def test_masked_and_fast_moe_paths_agree(fast_path, length):
     model = tiny_llama()
     carved = carve(model, random_plans(model, moe=True))
-    ids = sample_ids(batch=3, length=20)
+    ids = sample_ids(batch=3 if length > 1 else 1, length=length)
     carved.config.moe_impl = "masked"
     masked = carved(input_ids=ids).logits
     carved.config.moe_impl = fast_path
     torch.testing.assert_close(carved(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
 
-    # the fast path's cached per-expert weights follow in-place weight updates
+    # the fast path's cached expert weights follow in-place weight updates
     for layer in carved.model.layers:
         layer.mlp.up_proj.weight.mul_(0.5)
     halved_fast = carved(input_ids=ids).logits
     carved.config.moe_impl = "masked"
     torch.testing.assert_close(halved_fast, carved(input_ids=ids).logits, atol=1e-5, rtol=0)
     assert not torch.allclose(halved_fast, masked, atol=1e-3)
+
+
+@torch.no_grad()
+def test_auto_moe_path_takes_each_kernel_by_token_count(monkeypatch):
+    model = tiny_llama()
+    carved = carve(model, random_plans(model, moe=True))
+    assert carved.config.moe_impl == "auto"  # what a converted model runs unless told otherwise
+    taken = []
+    for name in ("one_token", "masked_union", "grouped_experts"):
+        kernel = getattr(moe_mlp, name)
+        monkeypatch.setattr(moe_mlp, name, lambda *args, _kernel=kernel, _name=name: taken.append(_name) or _kernel(*args))
+    for batch, length in ((1, 1), (3, 20), (3, 120)):
+        carved(input_ids=sample_ids(batch=batch, length=length))
+    layers = len(carved.model.layers)
+    assert taken == ["one_token"] * layers + ["masked_union"] * layers + ["grouped_experts"] * layers
+    taken.clear()
+    with torch.enable_grad():  # the kernels have no backward: training runs the sorted path
+        carved(input_ids=sample_ids())
+    assert taken == []
 
 
 def test_sorted_moe_path_trains_the_live_weights():

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,7 +23,7 @@ import pytest
 
 from flows.workspace import FlowWorkspace, StageFailed
 from tests.processes import free_port, stop_group, wait_until_healthy
-from tests.project import DVC, ROOT, make_project, offline_env, tiny_params
+from tests.project import DVC, ROOT, make_project, offline_env, scratch_dir, tiny_params
 
 STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "atp", "lora_baselines", "remove", "evaluate", "export_onnx", "register"]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -81,25 +82,27 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, smollm2_dir) -> Path:
+def project(tmp_path_factory, smollm2_dir) -> Iterator[Path]:
     params = tiny_params(smollm2_dir)
     # test_pipeline checks what evaluate measures; here it only has to run, so it measures little
     params["evaluate"].update(models=["dense", "tomoe@0.5"], zero_shot={"arc_easy": {"builtin": "arc_easy"}}, zero_shot_limit=4, domain_limit=2)
     params["evaluate"]["perplexity"]["max_windows"] = 1
     params["export_onnx"]["models"] = []  # test_pipeline exports and registers; here the stages only have to run
-    return make_project(tmp_path_factory.mktemp("flow-project"), params, orchestration=True)
+    with scratch_dir(tmp_path_factory, "flow-project") as work:
+        yield make_project(work, params, orchestration=True)
 
 
 @pytest.fixture(scope="module")
-def flow_env(server, project, tmp_path_factory) -> dict[str, str]:
+def flow_env(server, project, tmp_path_factory) -> Iterator[dict[str, str]]:
     """What `make worker` / `make deploy` give the Prefect commands, pointed at this test's project."""
-    return {
-        **server.env,
-        **offline_env(project),
-        "LLMCARVE_PROJECT_DIR": str(project),
-        "LLMCARVE_FLOW_WORKSPACE": str(tmp_path_factory.mktemp("flow-workspace") / "ws"),
-        "HOME": str(tmp_path_factory.mktemp("home")),  # tools' caches (~/.cache) stay out of the checkout
-    }
+    with scratch_dir(tmp_path_factory, "flow-workspace") as flow_workspace:
+        yield {
+            **server.env,
+            **offline_env(project),
+            "LLMCARVE_PROJECT_DIR": str(project),
+            "LLMCARVE_FLOW_WORKSPACE": str(flow_workspace / "ws"),
+            "HOME": str(tmp_path_factory.mktemp("home")),  # tools' caches (~/.cache) stay out of the checkout
+        }
 
 
 def prefect(args: list[str], cwd: Path, env: dict[str, str]) -> str:

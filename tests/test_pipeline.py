@@ -2,20 +2,22 @@
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.project import DVC, make_project, offline_env, tiny_params
+from tests.project import DVC, make_project, offline_env, scratch_dir, tiny_params
 
 STAGES = ["prepare_model", "prepare_data", "calibrate", "tomoe", "atp", "lora_baselines", "remove", "evaluate", "export_onnx", "register"]
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, smollm2_dir) -> Path:
+def workspace(tmp_path_factory, smollm2_dir) -> Iterator[Path]:
     """A fresh git + DVC project with the real stages and dvc.yaml, and a tiny params.yaml."""
-    return make_project(tmp_path_factory.mktemp("pipeline"), tiny_params(smollm2_dir))
+    with scratch_dir(tmp_path_factory, "pipeline") as work:
+        yield make_project(work, tiny_params(smollm2_dir))
 
 
 def repro(work: Path) -> subprocess.CompletedProcess:

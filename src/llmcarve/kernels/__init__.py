@@ -6,6 +6,7 @@
   optional and absent on CPU-only installs).
 - `static_decode`: greedy decoding with a static KV cache, captured once in a CUDA graph.
 
-Nothing here is used by the pipeline's stages; `bench/` measures it against the reference paths of
-`llmcarve.models.carved`, and `tests/test_kernels.py` checks it against them on the CPU.
+`moe_mlp` is what a carved MoE model runs by default (`CarvedConfig.moe_impl = "auto"`); the static
+decoder is a separate entry point. `bench/` measures both against the reference paths of
+`llmcarve.models.carved`, and `tests/test_kernels.py` checks them against those on the CPU.
 """

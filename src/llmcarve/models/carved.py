@@ -30,9 +30,18 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 # one carved class serves all three families.
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from llmcarve.kernels import moe_mlp as moe_kernels
 from llmcarve.models.adapters import Geometry
 
-MOE_IMPLEMENTATIONS = ("masked", "sorted", "grouped")
+# How a carved MoE MLP runs (`config.moe_impl`; the same logits from each, tested):
+# - "auto": llmcarve.kernels.moe_mlp, its algorithm picked by the number of tokens (one token reads
+#   only its expert; a few compute the kept channels with the expert mask fused; many run two grouped
+#   GEMMs over tokens sorted by expert). No host synchronisation. Inference only: with autograd on,
+#   it runs "sorted".
+# - "grouped": always the kernels' grouped GEMMs (inference only, like "auto").
+# - "sorted": tokens grouped by expert, one pair of matmuls per expert over pre-sliced weights; trains.
+# - "masked": the reference: every kept channel computed, then the token's expert's channels kept.
+MOE_IMPLEMENTATIONS = ("auto", "grouped", "sorted", "masked")
 
 
 class CarvedConfig(PreTrainedConfig):
@@ -77,7 +86,7 @@ class CarvedConfig(PreTrainedConfig):
     v_mask_offset: float = 3.0
     mlp_dims: list[int] | None = None
     num_experts: list[int] | None = None  # 0: a plain MLP
-    moe_impl: str = "sorted"
+    moe_impl: str = "auto"
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -240,7 +249,7 @@ class CarvedMLP(nn.Module):
         if experts:
             self.register_buffer("expert_mask", torch.ones(experts, width, dtype=torch.bool))
         self._expert_weights_cache: tuple[tuple, list] | None = None
-        self._padded_cache: tuple[tuple, tuple] | None = None
+        self._packed_cache: tuple[tuple, moe_kernels.PackedExperts] | None = None
 
     @property
     def active_width(self) -> int:
@@ -252,13 +261,18 @@ class CarvedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.router is None:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        implementation = self.config.moe_impl
+        if implementation in ("auto", "grouped") and not torch.is_grad_enabled():
+            # The kernels route by themselves (the same argmax) and have no backward: inference only.
+            if implementation == "grouped":
+                flat = x.reshape(-1, x.shape[-1])
+                return moe_kernels.grouped_experts(flat, self.router, self._packed_experts()).view_as(x)
+            return moe_kernels.moe_mlp(self, x, self._packed_experts())
         # Deterministic top-1 routing: argmax, no Gumbel noise at inference.
         expert = self.router(x).argmax(-1)
-        if self.config.moe_impl == "masked":
+        if implementation == "masked":
             return self._masked_experts(x, expert)
-        if self.config.moe_impl == "grouped":
-            return self._grouped_experts(x, expert)
-        return self._sorted_experts(x, expert)
+        return self._sorted_experts(x, expert)  # also what "auto" and "grouped" train through
 
     def _masked_experts(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """The reference: compute every kept channel, then zero those the token's expert lacks."""
@@ -280,38 +294,14 @@ class CarvedMLP(nn.Module):
                 start += count
         return out.view_as(x)
 
-    def _grouped_experts(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """All experts in two grouped matmuls over tokens sorted by expert: no Python loop over
-        experts and no host synchronisation (group offsets stay on the device)."""
-        flat, flat_expert = x.reshape(-1, x.shape[-1]), expert.reshape(-1)
-        order = flat_expert.argsort(stable=True)
-        offsets = torch.bincount(flat_expert, minlength=self.router.out_features).cumsum(0).to(torch.int32)
-        gate_up, down = self._padded_expert_weights()
-        gate, up = torch._grouped_mm(flat[order], gate_up, offs=offsets).chunk(2, dim=-1)
-        out = torch.empty_like(flat)
-        out[order] = torch._grouped_mm(self.act_fn(gate) * up, down, offs=offsets)
-        return out.view_as(x)
-
-    def _padded_expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[E, d, 2w] (gate | up) and [E, w, d], w = the widest expert rounded up to 8 (the grouped
-        GEMM wants 16-byte aligned strides). A narrower expert's padding rows are zero: silu(0) * 0
-        and zero down rows add exactly nothing, and the budget already counts the widest expert."""
+    def _packed_experts(self) -> moe_kernels.PackedExperts:
+        """The experts padded and stacked for the kernels, built once and rebuilt (like the slices of
+        `_expert_weights`) when the weights are moved, cast or changed in place."""
         weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.expert_mask)
-        key = ("padded",) + tuple(_storage_state(w) for w in weights)
-        if torch.is_grad_enabled() or self._padded_cache is None or self._padded_cache[0] != key:
-            experts, hidden = self.expert_mask.shape[0], self.gate_proj.in_features
-            width = -(-self.active_width // 8) * 8
-            gate_up = self.gate_proj.weight.new_zeros(experts, hidden, 2 * width)
-            down = self.down_proj.weight.new_zeros(experts, width, hidden)
-            for e, channels in enumerate(self.expert_mask):
-                index = channels.nonzero().squeeze(1)
-                gate_up[e, :, : len(index)] = self.gate_proj.weight[index].T
-                gate_up[e, :, width : width + len(index)] = self.up_proj.weight[index].T
-                down[e, : len(index)] = self.down_proj.weight[:, index].T
-            if torch.is_grad_enabled():
-                return gate_up, down
-            self._padded_cache = (key, (gate_up, down))
-        return self._padded_cache[1]
+        key = tuple(_storage_state(w) for w in weights)
+        if self._packed_cache is None or self._packed_cache[0] != key:
+            self._packed_cache = (key, moe_kernels.PackedExperts.from_mlp(self))
+        return self._packed_cache[1]
 
     def _expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per expert: gate and up rows stacked [2 * width_e, d] (one matmul) and down columns [d, width_e].
