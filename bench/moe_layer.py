@@ -7,13 +7,16 @@ random inputs before it is timed; the script refuses to time a variant whose out
 - dense:        the full SwiGLU MLP as the model runs it (gate, up, silu, mul, down; speed 1.0x)
 - ideal:        the same MLP at half the width (what 50% active could give at best)
 - masked:       CarvedMLP moe_impl="masked" (the reference: all channels computed, then masked)
-- grouped:      CarvedMLP moe_impl="grouped" (padded experts, grouped GEMMs; its bincount syncs)
 - fast_grouped: llmcarve.kernels.moe_mlp, grouped GEMMs over K-major packed experts, fused SwiGLU,
                 no host sync (forced at every token count)
 - fast_masked:  llmcarve.kernels.moe_mlp masked union with the expert mask fused into SwiGLU (forced)
 - moe:          llmcarve.kernels.moe_mlp as it dispatches (1 token: fused one-token kernels; up to
                 2047 tokens (8191 at hidden < 1024): fast_masked; more: fast_grouped)
 - gather/sorted (--all): the official per-call weight gather, CarvedMLP moe_impl="sorted"
+
+A carved model runs `moe` (CarvedMLP moe_impl="auto", the default) or `fast_grouped` ("grouped").
+results/moe_layer_fast_h100.json also has a "grouped" column: CarvedMLP's former grouped path (padded
+experts, grouped GEMMs, a bincount that syncs), since replaced by `fast_grouped`.
 
 Times are medians of CUDA-event timings. "graph" times capture each variant over R rotating input
 sets in one CUDA graph and divide a replay by R (launch overhead out, as in a graph-captured decode
@@ -115,7 +118,6 @@ def half_width_mlp(hidden: int, width: int):
 @torch.inference_mode()
 def bench_shape(name: str, hidden: int, width: int, tokens_list, include_all: bool) -> list[dict]:
     masked = make_layer(hidden, width, "masked")
-    grouped = share_weights(masked, "grouped")
     sorted_ = share_weights(masked, "sorted")
     packed = moe_mlp.PackedExperts.from_mlp(masked)
     ideal = half_width_mlp(hidden, width // 2)
@@ -129,11 +131,10 @@ def bench_shape(name: str, hidden: int, width: int, tokens_list, include_all: bo
     def fast_masked(x):
         return moe_mlp.masked_union(x.reshape(-1, hidden), masked.router, masked, packed).view_as(x)
 
-    variants = {"dense": dense, "ideal": ideal, "masked": masked, "grouped": grouped,
-                "fast_grouped": fast_grouped, "fast_masked": fast_masked, "moe": lambda x: moe_mlp.moe_mlp(masked, x, packed)}
+    variants = {"dense": dense, "ideal": ideal, "masked": masked, "fast_grouped": fast_grouped, "fast_masked": fast_masked, "moe": lambda x: moe_mlp.moe_mlp(masked, x, packed)}
     if include_all:
         variants.update(gather=lambda x: gather_per_call(masked, x), sorted=sorted_)
-    no_graph = {"grouped", "gather", "sorted"}  # they ask the host for expert counts
+    no_graph = {"gather", "sorted"}  # they ask the host for expert counts
     checked = [v for v in variants if v not in ("dense", "ideal", "masked")]
     rows = []
     for tokens in tokens_list:
@@ -161,8 +162,7 @@ def bench_shape(name: str, hidden: int, width: int, tokens_list, include_all: bo
         rows.append(row)
         print(f"{name:13s} {tokens:5d} tok  dense {row['dense_ms']*1e3:8.1f}us  ideal {row['ideal_speedup']:4.2f}x  "
               f"moe {row['moe_speedup']:4.2f}x ({row['moe_vs_ideal_speedup']:4.2f} of ideal)  fast_grouped {row['fast_grouped_speedup']:4.2f}x  "
-              f"fast_masked {row['fast_masked_speedup']:4.2f}x  masked {row['masked_speedup']:4.2f}x  "
-              f"old grouped eager {row['dense_eager_ms']/row['grouped_eager_ms']:4.2f}x", flush=True)
+              f"fast_masked {row['fast_masked_speedup']:4.2f}x  masked {row['masked_speedup']:4.2f}x", flush=True)
     return rows
 
 

@@ -31,17 +31,21 @@ def moe_mlps(model: nn.Module) -> dict[int, nn.Module]:
 
 @torch.no_grad()
 def router_choices(model: nn.Module, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Layer number -> the expert [batch, length] each token goes to (the carved MLP's top-1 argmax)."""
+    """Layer number -> the expert [batch, length] each token goes to (the carved MLP's own `route`).
+
+    Routed from each MLP's input, not read off its router's output: the fast MoE paths call the router
+    on flattened tokens, or (one token on a GPU) inside a fused kernel without calling it at all.
+    """
     choices, handles = {}, []
 
     def record(number: int):
-        def hook(_module, _args, logits):
-            choices[number] = logits.argmax(-1).cpu()
+        def hook(mlp, args):
+            choices[number] = mlp.route(args[0]).cpu()
 
         return hook
 
     for number, mlp in moe_mlps(model).items():
-        handles.append(mlp.router.register_forward_hook(record(number)))
+        handles.append(mlp.register_forward_pre_hook(record(number)))
     try:
         model(input_ids=input_ids)
     finally:

@@ -268,11 +268,15 @@ class CarvedMLP(nn.Module):
                 flat = x.reshape(-1, x.shape[-1])
                 return moe_kernels.grouped_experts(flat, self.router, self._packed_experts()).view_as(x)
             return moe_kernels.moe_mlp(self, x, self._packed_experts())
-        # Deterministic top-1 routing: argmax, no Gumbel noise at inference.
-        expert = self.router(x).argmax(-1)
+        expert = self.route(x)
         if implementation == "masked":
             return self._masked_experts(x, expert)
         return self._sorted_experts(x, expert)  # also what "auto" and "grouped" train through
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Each token's expert: deterministic top-1, the argmax of the router's logits (no Gumbel noise
+        at inference). The kernels compute the same argmax in their own way (llmcarve.kernels.moe_mlp)."""
+        return self.router(x).argmax(-1)
 
     def _masked_experts(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """The reference: compute every kept channel, then zero those the token's expert lacks."""
