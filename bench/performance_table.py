@@ -1,8 +1,8 @@
 """Print the README's performance tables (markdown) from the recorded benchmark results.
 
 Reads bench/results/: moe_layer_fast_h100.json (bench/moe_layer.py), decode_speed_h100.json
-(bench/decode_speed.py), train_step_h100.json (bench/train_step.py) and moe_layer_cpu.json
-(bench/moe_layer_cpu.py); a missing file leaves its table out. Each table names its device, date and
+(bench/decode_speed.py), train_step_h100.json (bench/train_step.py), moe_layer_cpu.json
+(bench/moe_layer_cpu.py) and carved_cpu.json (bench/carved_cpu.py); a missing file leaves its table out. Each table names its device, date and
 command, and each row its target and whether it was met.
     python bench/performance_table.py [--results bench/results]
 """
@@ -92,12 +92,28 @@ def cpu_table(data: dict) -> list[str]:
     return lines
 
 
+def carved_cpu_table(data: dict) -> list[str]:
+    measures = [key[: -len("_s")] for key in data["dense"]]
+    lines = ["### Trained carved models on the CPU, each MoE path against dense (float32, batch 1)", "", source(data), "",
+             f"_median of {data['rounds']} interleaved rounds of the per-round ratio dense time / carved time, "
+             f"[min, max] over the rounds; {data['threads']} threads; weights: the trained models of `make run`_", "",
+             "| model | moe_impl | " + " | ".join(measures) + " |", "|---|---|" + "---:|" * len(measures)]
+    for name, model in data["models"].items():
+        for path, row in model.items():
+            if path == "logits_vs_masked":
+                continue
+            cells = [f"{row[m + '_speedup_vs_dense']:.2f}x [{row[m + '_speedup_range'][0]:.2f}, {row[m + '_speedup_range'][1]:.2f}]" for m in measures]
+            lines.append(f"| {name} | {path} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     sections = [("moe_layer_fast_h100.json", layer_table), ("decode_speed_h100.json", model_table),
-                ("train_step_h100.json", train_table), ("moe_layer_cpu.json", cpu_table)]
+                ("train_step_h100.json", train_table), ("moe_layer_cpu.json", cpu_table),
+                ("carved_cpu.json", carved_cpu_table)]
     blocks = []
     for name, render in sections:
         data = load(args.results, name)
