@@ -1,7 +1,7 @@
 """Print the README's performance tables (markdown) from the recorded benchmark results.
 
 Reads bench/results/: moe_layer_fast_h100.json (bench/moe_layer.py), decode_speed_h100.json
-(bench/decode_speed.py), train_step_h100.json (bench/train_step.py), moe_layer_cpu.json
+(bench/decode_speed.py), prefill_product_h100.json (bench/prefill_product.py), train_step_h100.json (bench/train_step.py), moe_layer_cpu.json
 (bench/moe_layer_cpu.py) and carved_cpu.json (bench/carved_cpu.py); a missing file leaves its table out. Each table names its device, date and
 command, and each row its target and whether it was met.
     python bench/performance_table.py [--results bench/results]
@@ -71,6 +71,24 @@ def model_table(data: dict) -> list[str]:
     return lines
 
 
+def prefill_product_table(data: dict) -> list[str]:
+    paths = sorted({key[len("speedup_"):-len("_vs_dense")] for model in data["models"].values()
+                    for row in model.values() for key in row if key.startswith("speedup_") and key.endswith("_vs_dense")})
+    lines = ["### Prefill through the product class (`CarvedForCausalLM` from `from_pretrained`, eager, batch 1)", "", source(data), "",
+             f"_random weights at the real shapes, bf16; carved = ToMoE-shaped at p = 0.5; median of {data['rounds']} interleaved "
+             "rounds of the per-round ratio dense time / carved time, [min, max] over the rounds_", "",
+             "| shape | tokens | dense ms | " + " | ".join(f"{p} ms | {p} vs dense" for p in paths) + " |",
+             "|---|---:|---:|" + "---:|---:|" * len(paths)]
+    for shape, model in data["models"].items():
+        for tokens, row in model.items():
+            if not tokens.isdigit():
+                continue
+            cells = [f"{row[p + '_ms']:.2f} | {row['speedup_' + p + '_vs_dense']:.2f}x [{row['speedup_' + p + '_vs_dense_range'][0]:.2f}, "
+                     f"{row['speedup_' + p + '_vs_dense_range'][1]:.2f}]" for p in paths]
+            lines.append(f"| {shape} | {tokens} | {row['dense_ms']:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def train_table(data: dict) -> list[str]:
     lines = ["### ToMoE training step vs a dense forward + forward/backward of the same shape (target <= 1.3x)", "", source(data), "",
              "| shape | dtype | tokens/step | dense step s | ToMoE step s | ratio | target | peak GB dense / ToMoE | 20,000 x 2048 tokens |",
@@ -112,7 +130,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     sections = [("moe_layer_fast_h100.json", layer_table), ("decode_speed_h100.json", model_table),
-                ("train_step_h100.json", train_table), ("moe_layer_cpu.json", cpu_table),
+                ("prefill_product_h100.json", prefill_product_table), ("train_step_h100.json", train_table), ("moe_layer_cpu.json", cpu_table),
                 ("carved_cpu.json", carved_cpu_table)]
     blocks = []
     for name, render in sections:

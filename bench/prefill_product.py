@@ -13,10 +13,10 @@ Correctness before timing: on the model's own hidden states (captured at 1, 16 a
 count, so each of auto's three algorithms runs), every layer's auto MLP must match the masked
 reference; the end-to-end logit difference is recorded (bf16 routing ties flip, see decode_speed.py).
 
-Timing: per token count, rounds that interleave the variants (dense, auto, sorted, masked), each
+Timing: per token count, rounds that interleave the variants (dense, auto, masked), each
 round a median of CUDA-event timings over fresh random prompts; the ratio is dense time / carved
 time per round, and the median of the rounds is reported with its range.
-    PYTHONPATH=src python bench/prefill_product.py --out bench/results/prefill_product_h100.json
+    cd bench && PYTHONPATH=../src python prefill_product.py --out results/prefill_product_h100.json
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     args = parser.parse_args()
     result = {"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "dtype": "bfloat16", "command": "PYTHONPATH=src python " + " ".join(sys.argv),
+              "dtype": "bfloat16", "command": "cd bench && PYTHONPATH=../src python " + " ".join(sys.argv),
               "weights": "random at the real shapes", "batch": 1, "rounds": ROUNDS, "repeats_per_round": REPEATS,
               "models": {}}
     for name in args.shapes:
