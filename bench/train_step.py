@@ -8,7 +8,7 @@
   weights get none, as in ToMoE), and one .item() as the trainer logs.
 Random weights at the real shapes (speed and memory do not depend on the values). Also records peak
 memory and the projected time of 20,000 steps of 2048 tokens.
-    PYTHONPATH=src python bench/train_step.py --out bench/results/train_step_h100.json
+    cd bench && PYTHONPATH=../src python train_step.py --out results/train_step_h100.json   (--profile: launches and kernel time)
 """
 
 from __future__ import annotations
@@ -80,28 +80,39 @@ def tomoe_step_seconds(model, blocks: torch.Tensor, batch: int) -> list[float]:
     return [b - a for a, b in zip(stamps[SKIP:], stamps[SKIP + 1 :])]
 
 
-def profile_tomoe(shape: str) -> None:
-    """Where a ToMoE step's time goes: GPU kernel time against wall time, top kernels."""
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def profiled(run_steps, steps: int) -> dict:
+    """Per step: wall time, GPU kernel time and kernel launches, over `steps` profiled steps."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        sync()
+        start = time.perf_counter()
+        run_steps()
+        sync()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    launches = sum(e.count for e in events if e.key in LAUNCH_CALLS)
+    return {"wall_ms": wall * 1e3 / steps, "gpu_kernel_ms": kernel_us / 1e3 / steps, "launches": launches / steps, "events": events}
+
+
+def profile_steps(shape: str) -> None:
+    """Why a ToMoE step costs what it does: kernel launches, GPU kernel time and wall time per step,
+    the dense step beside it (both under the profiler, which slows the host side of each alike)."""
     dtype_name, batch, length = RUNS[shape]
     model = build(shape, getattr(torch, dtype_name))
-    blocks = torch.randint(0, model.config.vocab_size, (8 * batch, length))
-    config = ToMoEConfig(steps=6, batch_size=batch, checkpoint_every=10**6)
-    stamps = []
-    with tempfile.TemporaryDirectory() as scratch, torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-        schedule=torch.profiler.schedule(wait=0, warmup=3, active=2, repeat=1),
-    ) as prof:
-        def on_step(*_):
-            sync()
-            stamps.append(time.perf_counter())
-            prof.step()
-
-        train_tomoe(model, blocks, config, Path(scratch), on_step=on_step)
-    events = prof.key_averages()
-    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / 2
-    print(f"--- {shape} ToMoE step: wall {(stamps[4] - stamps[2]) / 2 * 1e3:.0f} ms, GPU kernels {gpu_ms:.0f} ms per step")
-    print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=50))
-    print(events.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50))
+    blocks = torch.randint(0, model.config.vocab_size, (STEPS * batch + batch, length))
+    dense_step_seconds(model, blocks, batch)  # warm
+    dense = profiled(lambda: dense_step_seconds(model, blocks, batch), STEPS)
+    config = ToMoEConfig(steps=STEPS, batch_size=batch, checkpoint_every=10**6)
+    with tempfile.TemporaryDirectory() as scratch:
+        train_tomoe(model, blocks, config, Path(scratch) / "warm")
+        tomoe = profiled(lambda: train_tomoe(model, blocks, config, Path(scratch) / "timed"), STEPS)
+    for name, row in (("dense", dense), ("tomoe", tomoe)):
+        print(f"--- {shape} {name} step: wall {row['wall_ms']:.0f} ms, GPU kernels {row['gpu_kernel_ms']:.0f} ms, "
+              f"{row['launches']:.0f} kernel launches per step")
+    print(tomoe["events"].table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=50))
 
 
 def bench(shape: str) -> dict:
@@ -128,16 +139,18 @@ def bench(shape: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="the results JSON (required unless --profile)")
     parser.add_argument("--shapes", nargs="+", default=list(RUNS))
     parser.add_argument("--profile", action="store_true", help="only print a profile of ToMoE steps (no JSON)")
     args = parser.parse_args()
+    if not args.profile and not args.out:
+        parser.error("--out is required (the results JSON), unless --profile")
     if args.profile:
         for shape in args.shapes:
-            profile_tomoe(shape)
+            profile_steps(shape)
         return
     result = {"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
-              "torch": torch.__version__, "command": "PYTHONPATH=src:bench python " + " ".join(sys.argv),
+              "torch": torch.__version__, "command": "cd bench && PYTHONPATH=../src python " + " ".join(sys.argv),
               "weights": "random at the real shapes", "steps_timed": STEPS - SKIP, "runs": {}}
     for shape in args.shapes:
         result["runs"][shape] = bench(shape)
