@@ -2,7 +2,8 @@
 
 - tomoe: a step of llmcarve's trainer (train_tomoe): teacher forward (no grad), masked student forward
   with Gumbel masks, the four loss parts, backward into the hypernetwork/heads, AdamW, logging syncs.
-  Timed from the trainer's own per-step callback, first steps left out.
+  The student runs torch.compile'd, hooks included, as the trainer does by default on a GPU.
+  Timed from the trainer's own per-step callback; the first steps (compiling) are left out.
 - dense: the same model's teacher forward (no grad), then forward + backward of the same
   distillation loss with gradients flowing through every layer (to the input embeddings: the frozen
   weights get none, as in ToMoE), and one .item() as the trainer logs.

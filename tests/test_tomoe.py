@@ -165,3 +165,34 @@ def test_budget_counts_exactly_the_weights_a_token_uses(gqa):
         expected += d * (q_heads * 4 + kv_heads * 4 + kv_heads * 5 + q_heads * 5) + 3 * d * 20
         dense += sum(p.weight.numel() for p in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     assert active_ratio(geometry, decisions).item() == pytest.approx(expected / dense, rel=1e-6)
+
+
+def test_the_hooked_student_compiles_as_one_graph_and_computes_what_eager_does():
+    """The trainer compiles the masked student on a GPU (hooks and all). Here torch.compile's
+    aot_eager backend (no C++ toolchain needed) with fullgraph=True: a hook that broke the graph (a
+    generator inside it, a host sync) fails, and the noisy masks, logits and head gradients must
+    equal the eager ones."""
+    from llmcarve.methods.tomoe.budget import active_ratio
+
+    torch._dynamo.reset()
+    model = tiny_llama(gqa=True)
+    heads = ToMoEHeads(Geometry.from_config(model.config), 4)
+    masker = ToMoEMasker(model, heads, MaskSettings()).attach()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    runs = []
+    for student in (model, compiled):
+        heads.zero_grad(set_to_none=True)
+        masker.step(torch.Generator().manual_seed(3), BLOCKS[:2].shape)
+        logits = student(input_ids=BLOCKS[:2]).logits
+        (logits.float().pow(2).mean() + active_ratio(masker.geometry, masker.layers)).backward()
+        runs.append({
+            "logits": logits.detach(),
+            "token masks": torch.stack([d.token_mlp_mask.detach() for d in masker.layers]),
+            "v masks": torch.stack([d.v_mask.detach() for d in masker.layers]),
+            "gradients": torch.cat([p.grad.flatten() for p in heads.parameters() if p.grad is not None]),
+        })
+    masker.detach()
+    eager, traced = runs
+    assert eager["token masks"].min() == 0, "the test needs masks that drop channels"
+    for name in eager:
+        torch.testing.assert_close(traced[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)

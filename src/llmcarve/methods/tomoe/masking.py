@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from llmcarve.methods.tomoe.distributed import SINGLE, Shard
-from llmcarve.methods.tomoe.gumbel import hard_gumbel_one_hot, hard_sigmoid_mask, keep_at_least_one
+from llmcarve.methods.tomoe.gumbel import (
+    hard_sigmoid_mask,
+    keep_at_least_one,
+    straight_through_mask,
+    straight_through_one_hot,
+    uniform_noise,
+)
 from llmcarve.methods.tomoe.hypernetwork import ToMoEHeads
 from llmcarve.models.adapters import Geometry, adapter_for
 
@@ -40,6 +46,15 @@ class LayerDecisions:
     expert_logits: torch.Tensor | None = None  # [E, D_ff], decoded once per step
     expert_masks: torch.Tensor | None = None  # [E, D_ff], independently sampled for the budget and union losses
     token_mlp_mask: torch.Tensor | None = None  # [B, T, D_ff]
+
+
+@dataclass
+class TokenNoise:
+    """One layer's uniform draws for a step's per-token decisions, in [B, T, ...]."""
+
+    v: torch.Tensor  # [B, T, hd]: the V mask
+    route: torch.Tensor  # [B, T, E]: the router's Gumbel noise
+    channels: torch.Tensor  # [B, T, D_ff]: the chosen expert's channel mask
 
 
 @dataclass
@@ -63,6 +78,10 @@ class ToMoEMasker:
 
     generator=None is the deterministic mode: no noise, masks are (logit + offset > 0), routing is
     argmax. That is exactly the converted MoE model's behaviour.
+
+    All of a step's noise is drawn in `step`, before the forward pass, in the order the hooks use
+    it (per layer: V, route, channels), so the hooks are pure tensor code: a compiled model traces
+    them into its graph (see trainer.py), and the draws equal those of drawing inside the hooks.
     """
 
     def __init__(self, model: nn.Module, heads: ToMoEHeads, settings: MaskSettings, shard: Shard = SINGLE):
@@ -71,14 +90,16 @@ class ToMoEMasker:
         self.adapter, self.geometry = adapter_for(model.config), Geometry.from_config(model.config)
         self.layers = [LayerDecisions() for _ in range(self.geometry.num_layers)]
         self.enabled = True
-        self._generator: torch.Generator | None = None
+        self._noise: list[TokenNoise] | None = None
         self._embeddings: torch.Tensor | None = None
         self._handles: list = []
 
     # -- per step ------------------------------------------------------------------------------------
-    def step(self, generator: torch.Generator | None) -> None:
-        """Decode this step's static masks (Q/K and the expert masks) from fresh embeddings."""
-        self._generator = generator
+    def step(self, generator: torch.Generator | None, batch_shape: tuple[int, int] | None = None) -> None:
+        """Decode this step's static masks (Q/K and the expert masks) from fresh embeddings, and draw
+        the per-token noise for a batch of `batch_shape` ([B, T] of this process's rows)."""
+        if generator is not None and batch_shape is None:
+            raise ValueError("a noisy step needs the batch's shape [B, T] to draw the per-token noise")
         self._embeddings = self.heads.hypernetwork()
         settings = self.settings
         for index, decisions in enumerate(self.layers):
@@ -91,6 +112,16 @@ class ToMoEMasker:
                 hard_sigmoid_mask(decisions.expert_logits, settings.temperature, settings.offset, generator),
                 decisions.expert_logits,
             )
+        self._noise = None if generator is None else [self._draw_token_noise(index, generator, batch_shape) for index in range(len(self.layers))]
+
+    def _draw_token_noise(self, index: int, generator: torch.Generator, batch_shape) -> TokenNoise:
+        device = self._embeddings.device
+
+        def draw(width: int) -> torch.Tensor:
+            return uniform_noise((*batch_shape, width), generator, device, torch.float32, self.shard)
+
+        attention, mlp = self.heads.attention[index], self.heads.mlp[index]
+        return TokenNoise(draw(attention.head_dim), draw(mlp.router.out_features), draw(mlp.decoder.linear.out_features))
 
     @contextmanager
     def disabled(self):
@@ -128,8 +159,9 @@ class ToMoEMasker:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             head = self.heads.attention[index]
             logits = head.v_logits(hidden.float(), self._embeddings[index, 0].mean(0))
-            mask = hard_sigmoid_mask(logits, self.settings.temperature, self.settings.offset, self._generator, self.shard)
-            if self._generator is None and self.settings.v_topk is not None:
+            noise = self._noise[index].v if self._noise else None
+            mask = straight_through_mask(logits, noise, self.settings.temperature, self.settings.offset)
+            if noise is None and self.settings.v_topk is not None:
                 mask = cap_top_k(mask, logits, self.settings.v_topk[index])
             self.layers[index].v_mask = mask
             return None
@@ -164,11 +196,12 @@ class ToMoEMasker:
             if not self.enabled:
                 return None
             decisions, head = self.layers[index], self.heads.mlp[index]
-            decisions.route, _ = hard_gumbel_one_hot(head.router(args[0].float()), self.settings.temperature, self._generator, self.shard)
+            noise = self._noise[index] if self._noise else None
+            decisions.route = straight_through_one_hot(head.router(args[0].float()), noise and noise.route, self.settings.temperature)
             # The selected expert's logits, gathered through the one-hot so the router gets gradients;
             # the E x D_ff expert logits are decoded once per step (in `step`), not once per token.
             token_logits = decisions.route @ decisions.expert_logits
-            token_mask = hard_sigmoid_mask(token_logits, self.settings.temperature, self.settings.offset, self._generator, self.shard)
+            token_mask = straight_through_mask(token_logits, noise and noise.channels, self.settings.temperature, self.settings.offset)
             decisions.token_mlp_mask = keep_at_least_one(token_mask, token_logits)
             return None
 

@@ -157,12 +157,17 @@ def train_tomoe(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     stop_after: int | None = None,
     shard: Shard = SINGLE,
+    compile_student: bool | None = None,
 ) -> TrainResult:
     """Train to config.steps (resuming from checkpoint_dir if it holds a checkpoint).
 
     `stop_after` ends the run early after that many steps of this call (used to simulate a kill).
     Under data parallelism (`shard`, see distributed.py) each process trains on its rows of every
     batch and ends with the heads one process would have; only rank 0 writes checkpoints.
+    `compile_student` (default: on a GPU) runs the masked student through torch.compile, hooks
+    included, as one graph: eagerly the hooks add ~8,600 small kernels to a step and leave it bound
+    by the host at about twice the dense step's time (bench/PERFORMANCE_NOTES.md). Compiling takes
+    minutes, once per run; the CPU default stays eager (no compiler toolchain needed).
     """
     device = next(model.parameters()).device
     geometry = Geometry.from_config(model.config)
@@ -172,14 +177,17 @@ def train_tomoe(
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     start, v_widths, history = load_checkpoint(checkpoint_dir, heads, optimizer)
     masker = ToMoEMasker(model, heads, MaskSettings(config.temperature, config.offset), shard).attach()
+    if compile_student is None:
+        compile_student = device.type == "cuda"
+    student = torch.compile(model) if compile_student else model
     try:
         bar = tqdm(range(start, config.steps), desc="tomoe", unit="step", initial=start, total=config.steps, disable=shard.rank != 0)
         for step in bar:
             batch = shard.rows(blocks[batch_for_step(len(blocks), config.batch_size, step, config.seed)]).to(device)
             with torch.no_grad(), masker.disabled():
                 teacher = model(input_ids=batch).logits
-            masker.step(noise_generator(device, config.seed, step))
-            parts = loss_parts(config, masker, model(input_ids=batch).logits, teacher)
+            masker.step(noise_generator(device, config.seed, step), batch.shape)
+            parts = loss_parts(config, masker, student(input_ids=batch).logits, teacher)
             # whole-batch values, so every process logs (and stops on a NaN) alike
             whole_batch = {name: batch_mean(value, shard) for name, value in parts.items()}
             check_finite(whole_batch, step)
