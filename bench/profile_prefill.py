@@ -11,6 +11,7 @@ import time
 
 import torch
 from decode_speed import SHAPES, build, carved_config, llama_config, randomise_experts
+from timing import profile_totals
 from transformers import LlamaForCausalLM
 
 from llmcarve.models.carved import CarvedForCausalLM
@@ -31,9 +32,8 @@ def profile(model, tokens: int, label: str) -> None:
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3 / CALLS
     events = prof.key_averages()
-    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / CALLS
-    launches = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / CALLS
-    print(f"--- {label}: wall {wall_ms:.1f} ms (profiled), GPU kernels {gpu_ms:.1f} ms, {launches:.0f} kernels per forward")
+    kernel_ms, launches = profile_totals(events)
+    print(f"--- {label}: wall {wall_ms:.1f} ms (profiled), GPU kernels {kernel_ms / CALLS:.1f} ms, {launches / CALLS:.0f} kernel launches per forward")
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=45))
 
 

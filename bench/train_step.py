@@ -28,6 +28,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from decode_speed import SHAPES, llama_config
+from timing import profile_totals
 from llmcarve.methods.tomoe import losses
 from llmcarve.methods.tomoe.trainer import ToMoEConfig, train_tomoe
 
@@ -81,9 +82,6 @@ def tomoe_step_seconds(model, blocks: torch.Tensor, batch: int) -> list[float]:
     return [b - a for a, b in zip(stamps[SKIP:], stamps[SKIP + 1 :])]
 
 
-LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
-
-
 def profiled(run_steps, steps: int) -> dict:
     """Per step: wall time, GPU kernel time and kernel launches, over `steps` profiled steps."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -93,9 +91,8 @@ def profiled(run_steps, steps: int) -> dict:
         sync()
         wall = time.perf_counter() - start
     events = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    launches = sum(e.count for e in events if e.key in LAUNCH_CALLS)
-    return {"wall_ms": wall * 1e3 / steps, "gpu_kernel_ms": kernel_us / 1e3 / steps, "launches": launches / steps, "events": events}
+    kernel_ms, launches = profile_totals(events)
+    return {"wall_ms": wall * 1e3 / steps, "gpu_kernel_ms": kernel_ms / steps, "launches": launches / steps, "events": events}
 
 
 def profile_steps(shape: str) -> None:
