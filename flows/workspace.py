@@ -39,13 +39,17 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage '{stage}' failed (exit {returncode}):\n{tail}")
 
     @property
+    def killed(self) -> bool:
+        """Killed from outside (OOM killer, preemption): SIGKILL/SIGTERM, seen directly or through a shell."""
+        return self.returncode in (-9, -15, 137, 143)
+
+    @property
     def transient(self) -> bool:
-        """Killed from outside (OOM killer, preemption: SIGKILL/SIGTERM) or DVC's lock held by another process.
+        """Killed from outside or DVC's lock held by another process.
 
         Only these are worth a retry; a stage that raised an error raises it again.
         """
-        killed = self.returncode in (-9, -15, 137, 143)
-        return killed or "is busy, it is being blocked by" in str(self)
+        return self.killed or "is busy, it is being blocked by" in str(self)
 
 
 def default_location(project: Path) -> Path:
@@ -100,7 +104,9 @@ class FlowWorkspace:
         return done.stdout.strip()
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ, DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        # No HF_HUB_OFFLINE here: each stage goes offline unless its params need the hub, and a value the
+        # worker's environment sets wins (stages/common.py, `hub_offline_env`).
+        env = dict(os.environ, DVC_NO_ANALYTICS="1")
         # Stage commands say `python`: it must be this interpreter (the project's venv), whatever PATH a worker has.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return {**env, **(extra or {})}

@@ -9,23 +9,21 @@ artifacts/checkpoints/atp/ (persisted) under a hash of the config and data: a re
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from llmcarve.device import resolve_device
 from llmcarve.io import atomic_directory, write_json
-from llmcarve.methods.atp.generator import masks_state
-from llmcarve.methods.atp.lora import lora_parameters
-from llmcarve.methods.atp.trainer import ATPConfig, LoraRunConfig, train_atp
+from llmcarve.jobs.atp import save_atp_run, split_generator_blocks
+from llmcarve.jobs.layout import load_training_blocks
+from llmcarve.jobs.training import run_hash
+from llmcarve.methods.atp.trainer import train_atp
 from llmcarve.models.loading import load_model
+from llmcarve.names import ModelName
 from llmcarve.params import ATPParams, Params
 from llmcarve.tracking import stage_run
 from stages.common import ARTIFACTS, METRICS, main
-from stages.tomoe import pick_device
 
 OUT = ARTIFACTS / "atp"
 CHECKPOINTS = ARTIFACTS / "checkpoints" / "atp"
@@ -33,48 +31,20 @@ CHECKPOINTS = ARTIFACTS / "checkpoints" / "atp"
 
 def domain_blocks(section: ATPParams, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(LoRA blocks, generator calibration blocks) of a domain, disjoint by construction."""
-    blocks = load_file(ARTIFACTS / "data" / domain / "train_blocks.safetensors")["blocks"][:, : section.seq_len].long()
-    if len(blocks) <= section.calibration_blocks:
-        raise ValueError(
-            f"domain '{domain}' has {len(blocks)} training blocks, not more than atp.calibration_blocks="
-            f"{section.calibration_blocks}: lower calibration_blocks or give the domain more training text"
-        )
-    return blocks[: -section.calibration_blocks], blocks[-section.calibration_blocks :]
-
-
-def lora_run_config(section: ATPParams, seed: int) -> LoraRunConfig:
-    lora = section.lora
-    return LoraRunConfig(
-        steps=section.steps, batch_size=section.batch_size, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-        lr=lora.lr, checkpoint_every=section.checkpoint_every, seed=seed,
-    )
-
-
-def atp_config(section: ATPParams, p: float, seed: int) -> ATPConfig:
-    return ATPConfig(
-        lora=lora_run_config(section, seed), p=p, search_fraction=section.search_fraction, generator_lr=section.generator_lr,
-        temperature=section.temperature, offset=section.offset, ratio_weight=section.ratio_weight,
-        group_lasso_search=section.group_lasso_search, group_lasso_final=section.group_lasso_final,
-    )
-
-
-def run_hash(config, *blocks: torch.Tensor) -> str:
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
-    for tensor in blocks:
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:12]
+    blocks = load_training_blocks(domain, section.seq_len, ARTIFACTS)
+    return split_generator_blocks(blocks, section.calibration_blocks, domain, "atp.calibration_blocks")
 
 
 def run(params: Params) -> None:
     section = params.atp
+    device = resolve_device(section.device, "atp.device")
     splits = {domain: domain_blocks(section, domain) for domain in section.domains}  # before any model is loaded
-    device = pick_device(section.device)
     with stage_run("atp", {"atp": section.model_dump(), "seed": params.seed}) as tracker:
         summary = {}
         with atomic_directory(OUT) as staging:
             for domain, (lora_blocks, calibration_blocks) in splits.items():
                 for p in section.budgets:
-                    name, config = f"atp-{domain}@{p:g}", atp_config(section, p, params.seed)
+                    name, config = str(ModelName("atp", domain=domain, budget=p)), section.trainer_config(p, params.seed)
                     model, _ = load_model(ARTIFACTS / "model", "float32", str(device))  # LoRA wraps a fresh copy
                     start = time.perf_counter()
                     result = train_atp(
@@ -82,10 +52,7 @@ def run(params: Params) -> None:
                         CHECKPOINTS / f"{name}-{run_hash(config, lora_blocks, calibration_blocks)}",
                         on_step=lambda step, parts, name=name: tracker.log_metrics({name: parts}, step=step),
                     )
-                    (staging / name).mkdir()
-                    save_file({k: v.detach().cpu().contiguous() for k, v in lora_parameters(result.model).items()}, staging / name / "lora.safetensors")
-                    save_file(masks_state(result.masks), staging / name / "masks.safetensors")
-                    write_json(staging / name / "training.json", {**result.report, "history": result.history})
+                    save_atp_run(staging / name, result)
                     summary[name] = {
                         **{k: v for k, v in result.report.items() if k not in ("config", "kept")},
                         "final": result.history[-1] if result.history else {},

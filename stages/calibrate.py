@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmcarve.calibration import collect_channel_stats
 from llmcarve.io import atomic_directory, write_json
+from llmcarve.jobs.calibrate import select_calibration_blocks
+from llmcarve.jobs.layout import load_training_blocks
 from llmcarve.models.loading import load_model
 from llmcarve.params import Params
 from llmcarve.tracking import stage_run
@@ -22,18 +23,9 @@ from stages.common import ARTIFACTS, METRICS, main
 OUT = ARTIFACTS / "calibration"
 
 
-def select_blocks(blocks: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """A seeded sample of blocks, so calibration does not only see the first documents."""
-    if count > len(blocks):
-        raise ValueError(f"calibrate.num_blocks={count} but the domain has only {len(blocks)} blocks; lower num_blocks")
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
-    return blocks[order[:count].sort().values]
-
-
 def run(params: Params) -> None:
     section = params.calibrate
-    blocks_path = ARTIFACTS / "data" / section.domain / "train_blocks.safetensors"
-    blocks = select_blocks(load_file(blocks_path)["blocks"], section.num_blocks, params.seed)
+    blocks = select_calibration_blocks(load_training_blocks(section.domain, artifacts=ARTIFACTS), section.num_blocks, params.seed, "calibrate.num_blocks")
     with stage_run("calibrate", {"calibrate": section.model_dump(), "seed": params.seed}) as tracker:
         model, _ = load_model(ARTIFACTS / "model")
         start = time.perf_counter()

@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from llmcarve.data.packing import pack_blocks, tokenize_documents
-from llmcarve.data.sources import load_source
-from llmcarve.data.splits import fingerprint, split_by_group
+from llmcarve.data.domains import domain_documents, training_blocks
+from llmcarve.data.packing import tokenize_documents
+from llmcarve.data.provenance import source_summaries
+from llmcarve.data.splits import fingerprint
 from llmcarve.io import atomic_directory, write_json, write_jsonl
 from llmcarve.params import DomainSpec, Params
 from llmcarve.tracking import stage_run
@@ -29,29 +30,20 @@ OUT = ARTIFACTS / "data"
 
 
 def build_domain(domain: str, spec: DomainSpec, params: Params, tokenizer, directory: Path) -> dict:
-    train, heldout = [], []
-    for name in spec.train:
-        kept, held = split_by_group(load_source(name, params.data.sources[name]), spec.heldout_fraction, params.seed)
-        train += kept
-        heldout += held
-    for name in spec.heldout:
-        heldout += load_source(name, params.data.sources[name])
-
-    # Documents shorter than a block are fine: packing joins them. Only a corpus that cannot fill
-    # one block is an error, since calibration and training would have nothing to read.
+    sources = params.data.sources
+    train, heldout = domain_documents(
+        [(name, sources[name]) for name in spec.train], [(name, sources[name]) for name in spec.heldout], spec.heldout_fraction, params.seed
+    )
     token_lists = tokenize_documents(tokenizer, train)
-    blocks = pack_blocks(token_lists, params.data.block_size, tokenizer.eos_token_id)
-    if len(blocks) == 0:
-        raise ValueError(
-            f"data.domains.{domain}: its {len(train)} training document(s) hold {sum(map(len, token_lists))} tokens, "
-            f"fewer than one block of data.block_size={params.data.block_size}; add documents (or raise "
-            "max_documents / lower heldout_fraction) or lower data.block_size"
-        )
-    if spec.max_train_tokens is not None:
-        blocks = blocks[: max(1, spec.max_train_tokens // params.data.block_size)]
+    blocks = training_blocks(
+        token_lists, tokenizer.eos_token_id, params.data.block_size, f"data.domains.{domain}", "data.block_size", spec.max_train_tokens,
+        more_text="add documents (or raise max_documents / lower heldout_fraction)",
+    )
     directory.mkdir(parents=True)
     save_file({"blocks": blocks.to(torch.int32)}, directory / "train_blocks.safetensors")
     summary = {"train_blocks": len(blocks), "train_tokens": blocks.numel()}
+    # per training source: documents, tokens before packing, and a packaged corpus's licence and hashes
+    summary["sources"] = source_summaries(spec.train, params.data.sources, train, token_lists)
     for split, docs in (("train", train), ("heldout", heldout)):
         write_jsonl(directory / f"{split}.jsonl", [dataclasses.asdict(d) for d in docs])
         summary[split] = {

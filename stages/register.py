@@ -15,36 +15,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmcarve.export.verdict import summary
 from llmcarve.io import write_json
+from llmcarve.jobs.layout import model_dir, onnx_dir
+from llmcarve.names import ModelName
 from llmcarve.params import ChampionRule, Params
 from llmcarve.tracking import stage_run
 from llmcarve.tracking.registry import ModelEntry, log_model_version, model_run, registered_name, report_value
 from llmcarve.tracking.runs import flatten, git_commit, upstream_hashes
 from stages.common import ARTIFACTS, METRICS, main
-from stages.evaluate import model_dir
-from stages.export_onnx import OUT as ONNX, summary
 
 DATA = ARTIFACTS / "data"
 
 
-def domain_of(name: str) -> str | None:
-    """atp-medical@0.6 -> medical; tomoe@0.5, dense -> None."""
-    method = name.split("@")[0]
-    return method.split("-", 1)[1] if "-" in method else None
-
-
 def rule_for(name: str, params: Params) -> ChampionRule:
     registry = params.registry
-    return registry.domain_champion.get(domain_of(name), registry.champion)
-
-
-def kept_of(name: str) -> float:
-    return float(name.split("@")[1]) if "@" in name else 1.0
+    return registry.domain_champion.get(ModelName.parse(name).domain, registry.champion)
 
 
 def source_datasets(name: str, params: Params) -> list[tuple[str, str, str]]:
     """(domain, split, context) of the data a model was made from; the base model came with none."""
-    method, domain = name.split("@")[0].split("-")[0], domain_of(name)
+    parsed = ModelName.parse(name)
+    method, domain = parsed.method, parsed.domain
     calibration = (params.calibrate.domain, "train", "calibration")
     if method == "tomoe":
         return [(params.tomoe.domain, "train", "training")]
@@ -84,7 +76,7 @@ def run(params: Params) -> None:
     names = params.export_onnx.models
     evaluated = json.loads((METRICS / "evaluate.json").read_text())["models"] if (METRICS / "evaluate.json").exists() else {}
     parity = json.loads((METRICS / "export_onnx.json").read_text())["models"]
-    missing = [name for name in names if name not in parity or not (ONNX / name / "model.onnx").exists()]
+    missing = [name for name in names if name not in parity or not (onnx_dir(name, ARTIFACTS) / "model.onnx").exists()]
     if missing:
         raise SystemExit(f"error: no ONNX export for {missing}; run the export_onnx stage first (dvc repro)")
     check_rules(params, evaluated)
@@ -102,9 +94,9 @@ def run(params: Params) -> None:
             entry = ModelEntry(
                 name=name,
                 registered_name=registered_name(params.registry.prefix, name),
-                hf_dir=model_dir(name),
-                onnx_dir=ONNX / name,
-                kept=kept_of(name),
+                hf_dir=model_dir(name, ARTIFACTS),
+                onnx_dir=onnx_dir(name, ARTIFACTS),
+                kept=ModelName.parse(name).kept,
                 metrics=numbers({**evaluated.get(name, {}), "onnx": summary(parity[name])}),
                 tags={**lineage, **({"llmcarve.base_model_version": base_version} if base_version else {})},
             )

@@ -8,21 +8,17 @@ HF directories, class CarvedForCausalLM) and metrics/remove.json (parameters and
 
 from __future__ import annotations
 
-import json
-
-import torch
 from safetensors.torch import load_file
 
-from llmcarve.eval.accounting import parameter_report
+from llmcarve.eval.accounting import measured_active_ratio, parameter_report
 from llmcarve.io import atomic_directory, ensure_free_space, write_json
-from llmcarve.methods.atp.convert import convert_atp
-from llmcarve.methods.atp.generator import masks_from_state
-from llmcarve.methods.atp.trainer import LoraRunConfig
+from llmcarve.jobs.atp import atp_model, load_atp_run
+from llmcarve.jobs.models import save_named_model
+from llmcarve.jobs.tomoe import load_tomoe_run, tomoe_model
 from llmcarve.methods.baselines.static import prune_static
-from llmcarve.methods.tomoe.convert import convert_to_moe
-from llmcarve.methods.tomoe.hypernetwork import ToMoEHeads
 from llmcarve.models.adapters import Geometry
 from llmcarve.models.loading import load_model, saved_model_bytes
+from llmcarve.names import NAME_TOLERANCE, ModelName
 from llmcarve.params import Params
 from llmcarve.tracking import stage_run
 from stages.common import ARTIFACTS, METRICS, main
@@ -30,24 +26,10 @@ from stages.common import ARTIFACTS, METRICS, main
 OUT = ARTIFACTS / "remove"
 
 
-def load_heads(directory, geometry: Geometry, num_experts: int) -> tuple[ToMoEHeads, dict]:
-    heads = ToMoEHeads(geometry, num_experts)
-    heads.load_state_dict(load_file(directory / "heads.safetensors"))
-    return heads, json.loads((directory / "training.json").read_text())
-
-
-def convert_atp_run(directory, vocab_size: int, seed: int):
+def convert_atp_run(directory, seed: int):
     """Load the dense model afresh (merging consumes it) and convert one atp-<domain>@p run."""
     dense, _ = load_model(ARTIFACTS / "model")
-    training = json.loads((directory / "training.json").read_text())
-    probe = torch.randint(0, vocab_size, (2, 64), generator=torch.Generator().manual_seed(seed))
-    return convert_atp(
-        dense,
-        load_file(directory / "lora.safetensors"),
-        masks_from_state(load_file(directory / "masks.safetensors")),
-        LoraRunConfig(**training["config"]["lora"]),
-        probe,
-    )
+    return atp_model(dense, *load_atp_run(directory), seed)
 
 
 def run(params: Params) -> None:
@@ -57,23 +39,25 @@ def run(params: Params) -> None:
         stats = load_file(ARTIFACTS / "calibration" / "stats.safetensors")
         carved = {}
         for p in params.tomoe.budgets:
-            heads, training = load_heads(ARTIFACTS / "tomoe" / f"tomoe@{p:g}", geometry, params.tomoe.num_experts)
-            carved[f"tomoe@{p:g}"] = convert_to_moe(dense, heads, params.tomoe.offset, training["v_topk"])
+            name = ModelName("tomoe", budget=p)
+            heads, training = load_tomoe_run(ARTIFACTS / "tomoe" / str(name), geometry, params.tomoe.num_experts)
+            carved[name] = tomoe_model(dense, heads, params.tomoe.offset, training["v_topk"])
         for p in params.static.budgets:
-            carved[f"static@{p:g}"] = prune_static(dense, stats, p)
+            carved[ModelName("static", budget=p)] = prune_static(dense, stats, p)
         removal = {}
         for domain in params.atp.domains:
             for p in params.atp.budgets:
-                name = f"atp-{domain}@{p:g}"
-                carved[name], removal[name] = convert_atp_run(ARTIFACTS / "atp" / name, dense.config.vocab_size, params.seed)
+                name = ModelName("atp", domain=domain, budget=p)
+                carved[name], removal[name] = convert_atp_run(ARTIFACTS / "atp" / str(name), params.seed)
+        for name, model in carved.items():  # every name is checked before the first model is written
+            name.check_measured(measured_active_ratio(model), params.tomoe.name_tolerance if name.method == "tomoe" else NAME_TOLERANCE)
         # all models at once, before the first is written: the old outputs stay until the rename
-        ensure_free_space(OUT, sum(saved_model_bytes(m) for m in carved.values()), f"the carved models ({', '.join(carved)})")
+        ensure_free_space(OUT, sum(saved_model_bytes(m) for m in carved.values()), f"the carved models ({', '.join(map(str, carved))})")
         report = {}
         with atomic_directory(OUT) as staging:
             for name, model in carved.items():
-                model.save_pretrained(staging / name)
-                tokenizer.save_pretrained(staging / name)
-                report[name] = parameter_report(model, context_len=512) | ({"removal": removal[name]} if name in removal else {})
+                save_named_model(model, tokenizer, staging / str(name), name)
+                report[str(name)] = parameter_report(model, context_len=512) | ({"removal": removal[name]} if name in removal else {})
         write_json(METRICS / "remove.json", report)
         tracker.log_metrics(report)
 

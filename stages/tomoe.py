@@ -12,9 +12,6 @@ share of every batch; rank 0 alone logs and writes.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -22,37 +19,22 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
+from llmcarve.device import resolve_device
 from llmcarve.io import atomic_directory, write_json
+from llmcarve.jobs.layout import load_training_blocks
+from llmcarve.jobs.tomoe import check_num_experts, save_tomoe_run
+from llmcarve.jobs.training import frozen_model_dtype, run_hash
 from llmcarve.methods.tomoe.distributed import join_process_group, launched_by_torchrun
-from llmcarve.methods.tomoe.trainer import ToMoEConfig, train_tomoe
+from llmcarve.methods.tomoe.trainer import train_tomoe
 from llmcarve.models.adapters import Geometry
 from llmcarve.models.loading import load_model
-from llmcarve.params import Params, ToMoEParams
+from llmcarve.names import ModelName
+from llmcarve.params import Params
 from llmcarve.tracking import stage_run
 from stages.common import ARTIFACTS, METRICS, main
 
 OUT = ARTIFACTS / "tomoe"
 CHECKPOINTS = ARTIFACTS / "checkpoints" / "tomoe"
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("tomoe.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-
-
-def training_config(section: ToMoEParams, p: float, seed: int) -> ToMoEConfig:
-    fields = {f.name for f in dataclasses.fields(ToMoEConfig)}
-    return ToMoEConfig(p=p, seed=seed, **{k: v for k, v in section.model_dump().items() if k in fields and k != "p"})
-
-
-def config_hash(config: ToMoEConfig, blocks: torch.Tensor) -> str:
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
-    digest.update(blocks.numpy().tobytes())
-    return digest.hexdigest()[:12]
 
 
 def relaunch_under_torchrun(processes: int) -> None:
@@ -63,33 +45,29 @@ def relaunch_under_torchrun(processes: int) -> None:
 
 def run(params: Params) -> None:
     section = params.tomoe
+    device = resolve_device(section.device, "tomoe.device")  # before torchrun's processes start: one clear error
     if section.num_processes > 1 and not launched_by_torchrun():
         relaunch_under_torchrun(section.num_processes)
-    blocks = load_file(ARTIFACTS / "data" / section.domain / "train_blocks.safetensors")["blocks"][:, : section.seq_len].long()
-    shard, device = join_process_group(pick_device(section.device))
+    blocks = load_training_blocks(section.domain, section.seq_len, ARTIFACTS)
+    shard, device = join_process_group(device)
     writes = shard.rank == 0  # the other processes only train
     tracking = stage_run("tomoe", {"tomoe": section.model_dump(), "seed": params.seed}) if writes else nullcontext(None)
     with tracking as tracker:
-        # bf16 on a GPU (as the method's recipe); fp32 on a CPU, where it is the exact reference
-        model, _ = load_model(ARTIFACTS / "model", "bfloat16" if device.type == "cuda" else "float32", str(device))
-        geometry = Geometry.from_config(model.config)
-        if section.num_experts > geometry.intermediate_size:
-            raise ValueError(f"tomoe.num_experts={section.num_experts} exceeds the MLP width {geometry.intermediate_size}")
+        model, _ = load_model(ARTIFACTS / "model", frozen_model_dtype(device), str(device))
+        check_num_experts(section.num_experts, Geometry.from_config(model.config), "tomoe.num_experts")
         summary = {}
         # the other processes write into a scratch directory that disappears with them
         with atomic_directory(OUT) if writes else tempfile.TemporaryDirectory() as staging:
             staging = Path(staging)
             for p in section.budgets:
-                name, config = f"tomoe@{p:g}", training_config(section, p, params.seed)
+                name, config = str(ModelName("tomoe", budget=p)), section.trainer_config(p, params.seed)
                 start = time.perf_counter()
                 result = train_tomoe(
-                    model, blocks, config, CHECKPOINTS / f"{name}-{config_hash(config, blocks)}",
+                    model, blocks, config, CHECKPOINTS / f"{name}-{run_hash(config, blocks)}",
                     on_step=lambda step, parts, name=name: tracker and tracker.log_metrics({name: parts}, step=step),
                     shard=shard,
                 )
-                (staging / name).mkdir()
-                save_file({k: v.contiguous() for k, v in result.heads.state_dict().items()}, staging / name / "heads.safetensors")
-                write_json(staging / name / "training.json", {"config": dataclasses.asdict(config), "v_topk": result.v_topk, "history": result.history})
+                save_tomoe_run(staging / name, result, config)
                 final = result.history[-1] if result.history else {}
                 summary[name] = {
                     "final": final,

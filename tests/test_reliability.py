@@ -60,7 +60,7 @@ def params_for(workspace: Path, model_source: str) -> dict:
             "domains": {"general": {"train": ["notes"], "heldout_fraction": 0.1}},
         },
         "calibrate": {"domain": "general", "num_blocks": 2, "batch_size": 2},
-        "tomoe": {"budgets": [0.5], "device": "cpu", "seq_len": 32, "num_experts": 4, "lr": 0.02},
+        "tomoe": {"budgets": [0.5], "device": "cpu", "seq_len": 32, "num_experts": 4, "lr": 0.02, "name_tolerance": 1.0},
         "static": {"budgets": [0.5]},
     }
 

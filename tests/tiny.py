@@ -10,7 +10,15 @@ import functools
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 TRAINING_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -67,6 +75,13 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen2Config(**_common(num_key_value_heads=2))
     return Qwen2ForCausalLM(config).eval()
+
+
+def tiny_mistral(seed: int = 0, sliding_window: int = 4) -> MistralForCausalLM:
+    """GQA with a sliding window shorter than the test sequences, so the window really drops keys."""
+    torch.manual_seed(seed)
+    config = MistralConfig(**_common(num_key_value_heads=2, sliding_window=sliding_window))
+    return MistralForCausalLM(config).eval()
 
 
 def save_tiny(model, directory) -> str:

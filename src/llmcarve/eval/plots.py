@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display on pipeline workers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from llmcarve.names import ModelName  # noqa: E402
+
 
 def plot_evaluation(models: dict, path: Path) -> None:
     """Left: accuracy per task and model; right: perplexity per corpus and model."""
@@ -36,7 +38,7 @@ def plot_evaluation(models: dict, path: Path) -> None:
 
 def method_of(name: str) -> str:
     """'tomoe@0.5' -> 'tomoe', 'atp-medical@0.6' -> 'atp-medical', 'dense' -> 'dense'."""
-    return name.split("@")[0]
+    return ModelName.parse(name).series
 
 
 def plot_perplexity_vs_active(models: dict, corpus: str, path: Path) -> None:

@@ -19,7 +19,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+def median_seconds(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up: first calls pay for allocation and kernel selection
     times = []
     for _ in range(repeats):
@@ -37,7 +37,7 @@ def measure_speed(model, vocab_size: int, prefill_tokens: int = 512, decode_toke
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab_size, (1, prefill_tokens), generator=generator).to(device)
 
-    prefill_s = _median_seconds(lambda: model(input_ids=prompt), repeats, device)
+    prefill_s = median_seconds(lambda: model(input_ids=prompt), repeats, device)
 
     def greedy_decode():
         # A plain KV-cached loop: one token per forward, batch 1, as a chat user sees it.
@@ -48,7 +48,7 @@ def measure_speed(model, vocab_size: int, prefill_tokens: int = 512, decode_toke
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
 
-    decode_s = _median_seconds(greedy_decode, repeats, device)
+    decode_s = median_seconds(greedy_decode, repeats, device)
     report = {
         "device": str(device),
         "threads": torch.get_num_threads(),

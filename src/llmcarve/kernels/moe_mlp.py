@@ -98,10 +98,15 @@ def route_sorted(logits: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.
 
         return triton_ops.route_sorted(logits)
     expert = logits.argmax(-1)
+    return (expert, *sort_by_expert(expert, expert_ids))
+
+
+def sort_by_expert(expert: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(dest, order, offsets) of `route_sorted` for given experts [T], in torch ops (no host sync)."""
     sorted_expert, order = expert.sort(stable=True)
     offsets = torch.searchsorted(sorted_expert, expert_ids, right=True).to(torch.int32)
     dest = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-    return expert, dest, order, offsets
+    return dest, order, offsets
 
 
 def grouped_experts(x2d: torch.Tensor, router: torch.nn.Linear, packed: PackedExperts) -> torch.Tensor:

@@ -36,11 +36,15 @@ from llmcarve.models.adapters import Geometry
 # How a carved MoE MLP runs (`config.moe_impl`; the same logits from each, tested):
 # - "auto": llmcarve.kernels.moe_mlp, its algorithm picked by the number of tokens (one token reads
 #   only its expert; a few compute the kept channels with the expert mask fused; many run two grouped
-#   GEMMs over tokens sorted by expert). No host synchronisation. Inference only: with autograd on,
-#   it runs "sorted".
-# - "grouped": always the kernels' grouped GEMMs (inference only, like "auto").
-# - "sorted": tokens grouped by expert, one pair of matmuls per expert over pre-sliced weights; trains.
+#   GEMMs over tokens sorted by expert). No host synchronisation. The kernels have no backward: with
+#   autograd on, "auto" trains through "masked" (see CarvedMLP.forward for why not "grouped").
+# - "grouped": always the kernels' grouped GEMMs; with autograd on, the same two grouped GEMMs over
+#   expert weights gathered afresh from the live weights, so gradients reach them. No host sync in
+#   bfloat16 (torch's float32 grouped GEMM on CUDA reads the group sizes back: one sync a call).
+# - "sorted": tokens grouped by expert, one pair of matmuls per expert over pre-sliced weights (a
+#   Python loop over experts that reads the token counts on the host: slow, kept for comparison).
 # - "masked": the reference: every kept channel computed, then the token's expert's channels kept.
+#   No host sync either: the dense-matmul way to train (FLOPs of the whole kept width).
 MOE_IMPLEMENTATIONS = ("auto", "grouped", "sorted", "masked")
 
 
@@ -250,6 +254,7 @@ class CarvedMLP(nn.Module):
             self.register_buffer("expert_mask", torch.ones(experts, width, dtype=torch.bool))
         self._expert_weights_cache: tuple[tuple, list] | None = None
         self._packed_cache: tuple[tuple, moe_kernels.PackedExperts] | None = None
+        self._channels_cache: tuple[tuple, tuple] | None = None
 
     @property
     def active_width(self) -> int:
@@ -268,10 +273,24 @@ class CarvedMLP(nn.Module):
                 flat = x.reshape(-1, x.shape[-1])
                 return moe_kernels.grouped_experts(flat, self.router, self._packed_experts()).view_as(x)
             return moe_kernels.moe_mlp(self, x, self._packed_experts())
-        expert = self.route(x)
-        if implementation == "masked":
-            return self._masked_experts(x, expert)
-        return self._sorted_experts(x, expert)  # also what "auto" and "grouped" train through
+        logits = self.router(x)
+        expert = logits.argmax(-1)  # what `route` returns, from the logits the gate below needs too
+        if implementation in ("auto", "masked"):
+            # "auto" trains through the masked union: one dense matmul per projection at the kept
+            # width. The grouped GEMMs halve those FLOPs but gather each expert's weights afresh on
+            # every step (E experts of half the width: 4x the kept weights for 8 experts, and as
+            # much again for their gradients); they measured slower in whole training steps on a
+            # GPU and per layer on the CPU (bench/recovery_step.py --moe-impls auto grouped).
+            out = self._masked_experts(x, expert)
+        elif implementation == "sorted":
+            out = self._sorted_experts(x, expert)
+        else:
+            out = self._grouped_experts(x, expert)
+        if self.training and torch.is_grad_enabled():
+            # a factor of exactly 1 that carries the router's gradient; left out of eval-mode graphs
+            # (ONNX export traces with autograd on), where it would only add operators
+            out = out * straight_through_gate(logits, expert).to(out.dtype)
+        return out
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Each token's expert: deterministic top-1, the argmax of the router's logits (no Gumbel noise
@@ -288,7 +307,8 @@ class CarvedMLP(nn.Module):
         flat, flat_expert = x.reshape(-1, x.shape[-1]), expert.reshape(-1)
         order = flat_expert.argsort(stable=True)
         counts = torch.bincount(flat_expert, minlength=self.router.out_features).tolist()
-        out = torch.zeros_like(flat)
+        # in the experts' output dtype: under autocast that is the autocast dtype, not x's
+        out = flat.new_zeros(flat.shape, dtype=_compute_dtype(x, self.gate_proj.weight))
         start = 0
         for (gate_up, down), count in zip(self._expert_weights(), counts):
             if count:
@@ -297,6 +317,52 @@ class CarvedMLP(nn.Module):
                 out[tokens] = F.linear(self.act_fn(gate) * up, down)
                 start += count
         return out.view_as(x)
+
+    def _grouped_experts(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """Two grouped GEMMs over the tokens sorted by expert, each expert at its own (padded) width:
+        the FLOPs of one expert per token, with no host sync and no loop over experts.
+
+        The expert weights are gathered from the live weights on every call (autograd carries the
+        gradients back through the gather). A padded slot gathers an arbitrary kept channel for gate
+        and up but a zeroed down column, so it adds exactly 0 to the output and gets no gradient.
+        """
+        flat = x.reshape(-1, x.shape[-1])
+        channels, valid, expert_ids = self._padded_expert_channels()
+        experts, width = channels.shape
+        hidden_size, flat_channels = flat.shape[-1], channels.reshape(-1)
+        dtype = _compute_dtype(x, self.gate_proj.weight)
+        gate_up = torch.cat(  # [E, 2w, d]: K-major, as the grouped GEMM reads it without a copy
+            [self.gate_proj.weight.index_select(0, flat_channels).view(experts, width, hidden_size),
+             self.up_proj.weight.index_select(0, flat_channels).view(experts, width, hidden_size)],
+            dim=1,
+        ).to(dtype)
+        down = (self.down_proj.weight.index_select(1, flat_channels) * valid.reshape(-1))  # [d, E * w]
+        down = down.view(hidden_size, experts, width).transpose(0, 1).contiguous().to(dtype)  # [E, d, w]
+        dest, order, offsets = moe_kernels.sort_by_expert(expert.reshape(-1), expert_ids)
+        gate_up_out = torch._grouped_mm(flat.index_select(0, order).to(dtype), gate_up.transpose(1, 2), offs=offsets)
+        hidden = self.act_fn(gate_up_out[:, :width]) * gate_up_out[:, width:]
+        out = torch._grouped_mm(hidden, down.transpose(1, 2), offs=offsets)
+        return out.index_select(0, dest).view(*x.shape[:-1], hidden_size)  # back to token order
+
+    def _padded_expert_channels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(channels [E, w], valid [E, w], arange(E)): each expert's kept-channel indices, ascending,
+        padded to w (the widest expert rounded up to 8, for the grouped GEMM's 16-byte strides).
+
+        Reading the widest expert's size is one host sync, so the result is cached, keyed on the
+        mask's storage state like the other caches: the training steps themselves read nothing back.
+        """
+        key = _storage_state(self.expert_mask)
+        if self._channels_cache is None or self._channels_cache[0] != key:
+            mask = self.expert_mask
+            counts = mask.sum(1)
+            width = -(-int(counts.max()) // 8) * 8
+            # a stable sort of "not in the expert" puts the expert's channels first, in order
+            channels = (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
+            channels = F.pad(channels, (0, width - channels.shape[1]))  # a width rounded past the kept one
+            valid = torch.arange(width, device=mask.device) < counts[:, None]
+            expert_ids = torch.arange(mask.shape[0], device=mask.device)
+            self._channels_cache = (key, (channels, valid, expert_ids))
+        return self._channels_cache[1]
 
     def _packed_experts(self) -> moe_kernels.PackedExperts:
         """The experts padded and stacked for the kernels, built once and rebuilt (like the slices of
@@ -329,6 +395,22 @@ class CarvedMLP(nn.Module):
             gate_up = torch.cat([self.gate_proj.weight[index], self.up_proj.weight[index]])
             sliced.append((gate_up, self.down_proj.weight[:, index]))
         return sliced
+
+
+def straight_through_gate(logits: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """Exactly 1 in the forward pass (p - p is 0 for any finite p), so training computes what
+    inference computes; in the backward pass, the gradient of the chosen expert's softmax
+    probability (straight-through, as ToMoE trains its routers, here without noise or temperature),
+    so the router, which an argmax alone leaves without gradient, trains with the rest. [..., 1],
+    float32."""
+    chosen = logits.float().softmax(-1).gather(-1, expert.unsqueeze(-1))
+    return 1 + (chosen - chosen.detach())
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear(x, weight) returns: the autocast dtype where autocast is on."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 def _storage_state(tensor: torch.Tensor) -> tuple:

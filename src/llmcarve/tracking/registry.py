@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from llmcarve.names import ModelName
 from llmcarve.params import ChampionRule
 from llmcarve.tracking.runs import flatten
 
@@ -31,7 +32,7 @@ MANIFEST = "export.json"
 
 def registered_name(prefix: str, model_name: str) -> str:
     """`tomoe@0.5` -> `<prefix>-tomoe`; the kept fraction is what distinguishes versions, not names."""
-    return f"{prefix}-{model_name.split('@')[0]}"
+    return f"{prefix}-{ModelName.parse(model_name).series}"
 
 
 def metric_key(dotted: str) -> str:

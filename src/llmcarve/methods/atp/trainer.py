@@ -9,70 +9,44 @@ At the end of the search the decision is frozen (noise-free, cut to p: budget.fi
 final steps train LoRA alone under the strong group-lasso strength, which puts the pruned groups at
 zero so removal leaves the tuned model unchanged.
 
-Randomness is a function of (seed, step): batches, Gumbel noise and LoRA dropout. A killed run
-resumes from its checkpoint and replays what the uninterrupted run would have done. Plain LoRA (the
-baselines) uses the same update on the same batches, without masks or group lasso.
+Randomness is a function of (seed, step): batches, Gumbel noise and LoRA dropout (methods/training.py,
+shared with ToMoE). A killed run resumes from its checkpoint and replays what the uninterrupted run
+would have done. Plain LoRA (the baselines) uses the same update on the same batches, without masks or
+group lasso.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from llmcarve.methods import training
 from llmcarve.methods.atp.budget import fit_to_budget, kept_ratio
+from llmcarve.methods.atp.config import ATPConfig, LoraRunConfig
 from llmcarve.methods.atp.generator import DecisionGenerator, LayerMasks, masks_from_state, masks_state, sample_masks
-from llmcarve.methods.atp.lora import LoraSettings, add_lora, base_model, group_norms, lora_parameters, proximal_group_lasso, pruned_slices
+from llmcarve.methods.atp.lora import add_lora, base_model, group_norms, lora_parameters, proximal_group_lasso, pruned_slices
 from llmcarve.methods.atp.masking import ATPMasker, Forward
 from llmcarve.methods.tomoe.losses import log_ratio_penalty
-from llmcarve.methods.tomoe.trainer import NonFiniteLossError, batch_for_step, noise_generator
+from llmcarve.methods.training import (
+    batch_for_step,
+    check_finite,
+    checkpoint_due,
+    noise_generator,
+    restore_optimizer,
+    run_fingerprint,
+    step_seed,
+)
 from llmcarve.models.adapters import Geometry
 
-CHECKPOINT = "checkpoint.safetensors"
+log = logging.getLogger(__name__)
 LORA_GRAD_CLIP, GENERATOR_GRAD_CLIP = 1.0, 3.0
-
-
-@dataclass(frozen=True)
-class LoraRunConfig:
-    """What ATP and the LoRA baselines share, so they train on the same tokens the same way."""
-
-    steps: int = 60  # LoRA updates, one training batch each
-    batch_size: int = 2
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.05
-    lr: float = 1e-3
-    checkpoint_every: int = 10
-    seed: int = 0
-
-    @property
-    def settings(self) -> LoraSettings:
-        return LoraSettings(self.rank, self.alpha, self.dropout)
-
-
-@dataclass(frozen=True)
-class ATPConfig:
-    lora: LoraRunConfig = field(default_factory=LoraRunConfig)
-    p: float = 0.6  # KEPT fraction of attention+MLP weights
-    search_fraction: float = 0.5  # of the steps alternate with the generator; the rest use the frozen decision
-    generator_lr: float = 1e-2
-    temperature: float = 0.4
-    offset: float = 3.0  # mask logit offset: the search starts from the dense model
-    ratio_weight: float = 5.0
-    group_lasso_search: float = 0.1  # proximal strength while decisions move (shrink = strength * lr per step)
-    group_lasso_final: float = 10.0  # once the decision is frozen
-
-    @property
-    def search_steps(self) -> int:
-        return min(self.lora.steps - 1, max(1, round(self.lora.steps * self.search_fraction)))
 
 
 @dataclass
@@ -87,13 +61,7 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, labels=batch).loss
 
 
-def check_finite(parts: dict[str, float], step: int) -> None:
-    for name, value in parts.items():
-        if not torch.isfinite(torch.tensor(value)):
-            raise NonFiniteLossError(
-                f"'{name}' is {value} at step {step}; training stopped, the last good checkpoint is kept "
-                "and no model is written (lower the learning rates or check the data)"
-            )
+NAN_ADVICE = "lower the learning rates or check the data"
 
 
 def with_lora(model: nn.Module, config: LoraRunConfig) -> nn.Module:
@@ -110,7 +78,7 @@ def lora_update(model, optimizer, blocks: torch.Tensor, config: LoraRunConfig, s
     batch = blocks[batch_for_step(len(blocks), config.batch_size, step, config.seed)].to(device)
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed * 1_000_003 + step)
+        torch.manual_seed(step_seed(config.seed, step))
         loss = lm_loss(model, batch)
         parameters = list(lora_parameters(model).values())
         optimizer.zero_grad(set_to_none=True)
@@ -121,37 +89,28 @@ def lora_update(model, optimizer, blocks: torch.Tensor, config: LoraRunConfig, s
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints: one safetensors file, written atomically
+# checkpoints (the file itself: methods/training.py)
 
 
-def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor], optimizers: dict, metadata: dict) -> None:
-    flat = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
-    for label, optimizer in optimizers.items():
-        for index, state in optimizer.state_dict()["state"].items():
-            flat.update({f"optimizer.{label}.{index}.{k}": torch.as_tensor(v).cpu() for k, v in state.items()})
-    staging = directory / f".{CHECKPOINT}.tmp"
-    save_file(flat, staging, metadata={"step": str(step), **{k: json.dumps(v) for k, v in metadata.items()}})
-    staging.replace(directory / CHECKPOINT)  # a kill mid-write leaves the previous checkpoint
+def save_checkpoint(
+    directory: Path, step: int, tensors: dict[str, torch.Tensor], optimizers: dict, metadata: dict, config_hash: str | None = None
+) -> None:
+    """`tensors` and the state of `optimizers` (label -> optimizer) after `step` steps, with JSON `metadata`."""
+    states = {label: optimizer.state_dict() for label, optimizer in optimizers.items()}
+    training.save_checkpoint(directory, step, tensors, states, metadata, config_hash)
 
 
-def load_checkpoint(directory: Path, optimizers: dict) -> tuple[int, dict[str, torch.Tensor], dict]:
-    """(steps done, the saved tensors other than optimizer state, metadata); (0, {}, {}) without one."""
-    path = directory / CHECKPOINT
-    if not path.exists():
+def load_checkpoint(directory: Path, optimizers: dict, config_hash: str | None = None) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """(steps done, the saved tensors other than optimizer state, metadata); (0, {}, {}) without one.
+
+    Restores the state of `optimizers` (label -> optimizer) in place.
+    """
+    checkpoint = training.load_checkpoint(directory, config_hash, log)
+    if checkpoint is None:
         return 0, {}, {}
-    with safe_open(path, "pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(path)
     for label, optimizer in optimizers.items():
-        state: dict[int, dict] = {}
-        prefix = f"optimizer.{label}."
-        for key, value in tensors.items():
-            if key.startswith(prefix):
-                index, name = key.removeprefix(prefix).split(".", 1)
-                state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    others = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
-    return int(metadata.pop("step")), others, {k: json.loads(v) for k, v in metadata.items()}
+        restore_optimizer(optimizer, checkpoint.optimizer(label))
+    return checkpoint.step, checkpoint.tensors, checkpoint.metadata
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +136,8 @@ def train_atp(
     generator_optimizer = torch.optim.AdamW(generator.parameters(), lr=config.generator_lr)
     optimizers = {"lora": lora_optimizer, "generator": generator_optimizer}
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    start, saved, metadata = load_checkpoint(checkpoint_dir, optimizers)
+    fingerprint = run_fingerprint(config, lora_blocks, calibration_blocks)
+    start, saved, metadata = load_checkpoint(checkpoint_dir, optimizers, fingerprint)
     if saved:
         generator.load_state_dict({k.removeprefix("generator."): v for k, v in saved.items() if k.startswith("generator.")})
         lora = lora_parameters(peft_model)
@@ -232,17 +192,17 @@ def train_atp(
                 "pruned_group_norm_sum": norms.sum().item(),
                 "pruned_group_norm_max": norms.max().item() if len(norms) else 0.0,
             }
-            check_finite(parts, step)
+            check_finite(parts, step, NAN_ADVICE)
             history.append({"step": step, "phase": "search" if searching else "frozen", **parts})
             bar.set_postfix(ce=f"{parts['lora_ce']:.3f}", kept=f"{parts['decision_ratio']:.3f}", gl=f"{parts['pruned_group_norm_max']:.1e}")
             if on_step is not None:
                 on_step(step, parts)
             done = step + 1
-            if done % run.checkpoint_every == 0 or done == run.steps:
+            if checkpoint_due(done, run.checkpoint_every, run.steps):
                 tensors = {f"generator.{k}": v for k, v in generator.state_dict().items()}
                 tensors |= {f"lora.{k}": v for k, v in lora_parameters(peft_model).items()}
                 tensors |= masks_state(frozen, "frozen.") if frozen is not None else {}
-                save_checkpoint(checkpoint_dir, done, tensors, optimizers, {"history": history, "freeze": freeze_report})
+                save_checkpoint(checkpoint_dir, done, tensors, optimizers, {"history": history, "freeze": freeze_report}, fingerprint)
             if stop_after is not None and done - start >= stop_after:
                 break
     finally:
@@ -275,7 +235,8 @@ def train_lora(
     peft_model = with_lora(model, config)
     optimizer = torch.optim.AdamW(lora_parameters(peft_model).values(), lr=config.lr)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    start, saved, metadata = load_checkpoint(checkpoint_dir, {"lora": optimizer})
+    fingerprint = run_fingerprint(config, blocks)
+    start, saved, metadata = load_checkpoint(checkpoint_dir, {"lora": optimizer}, fingerprint)
     lora = lora_parameters(peft_model)
     with torch.no_grad():
         for name, value in saved.items():
@@ -283,11 +244,11 @@ def train_lora(
     history: list[dict] = metadata.get("history", [])
     for step in tqdm(range(start, config.steps), desc="lora", unit="step", initial=start, total=config.steps):
         parts = {"lora_ce": lora_update(peft_model, optimizer, blocks, config, step)}
-        check_finite(parts, step)
+        check_finite(parts, step, NAN_ADVICE)
         history.append({"step": step, **parts})
         if on_step is not None:
             on_step(step, parts)
         done = step + 1
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            save_checkpoint(checkpoint_dir, done, {f"lora.{k}": v for k, v in lora.items()}, {"lora": optimizer}, {"history": history})
+        if checkpoint_due(done, config.checkpoint_every, config.steps):
+            save_checkpoint(checkpoint_dir, done, {f"lora.{k}": v for k, v in lora.items()}, {"lora": optimizer}, {"history": history}, fingerprint)
     return peft_model.eval(), history

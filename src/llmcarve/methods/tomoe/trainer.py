@@ -1,52 +1,40 @@
 """Train ToMoE's hypernetwork and heads against a frozen model, with checkpoints and exact resume.
 
 Randomness is a pure function of (seed, step): the data order of a step and its Gumbel noise come from
-generators seeded with them. A run killed at any point and resumed from its last checkpoint therefore
-replays exactly the steps the uninterrupted run would have taken.
+generators seeded with them (methods/training.py, shared with ATP). A run killed at any point and resumed
+from its last checkpoint therefore replays exactly the steps the uninterrupted run would have taken.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from llmcarve.methods import training
 from llmcarve.methods.tomoe import losses
 from llmcarve.methods.tomoe.budget import active_ratio
+from llmcarve.methods.tomoe.config import ToMoEConfig  # the trainer's argument (declared torch-free)
 from llmcarve.methods.tomoe.distributed import SINGLE, Shard, average_gradients, batch_max, batch_mean
 from llmcarve.methods.tomoe.hypernetwork import ToMoEHeads
 from llmcarve.methods.tomoe.masking import MaskSettings, ToMoEMasker
+from llmcarve.methods.training import (  # noqa: F401  NonFiniteLossError: stages and tests import it from here
+    NonFiniteLossError,
+    batch_for_step,
+    check_finite,
+    checkpoint_due,
+    noise_generator,
+    restore_optimizer,
+    run_fingerprint,
+)
 from llmcarve.models.adapters import Geometry
 
-CHECKPOINT = "checkpoint.safetensors"
-
-
-@dataclass(frozen=True)
-class ToMoEConfig:
-    p: float = 0.5  # KEPT fraction of attention+MLP weights per token
-    num_experts: int = 8
-    steps: int = 200
-    batch_size: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    temperature: float = 0.4
-    offset: float = 3.0
-    lam: float = 16.0
-    alpha_union: float = 3.0
-    alpha_balance: float = 1.0
-    kd_weight: float = 2.0
-    checkpoint_every: int = 50
-    seed: int = 0
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss part became NaN or inf; training stops and keeps the last good checkpoint."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,21 +42,6 @@ class TrainResult:
     heads: ToMoEHeads
     v_topk: list[int]
     history: list[dict] = field(default_factory=list)
-
-
-def batch_for_step(num_blocks: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Indices of the blocks step `step` trains on: epochs of seeded permutations, no state needed."""
-    first = step * batch_size
-    indices = []
-    for position in range(first, first + batch_size):
-        epoch, offset = divmod(position, num_blocks)
-        order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        indices.append(order[offset])
-    return torch.stack(indices)
-
-
-def noise_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
 def loss_parts(config: ToMoEConfig, masker: ToMoEMasker, student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -97,44 +70,31 @@ def total_loss(config: ToMoEConfig, parts: dict[str, torch.Tensor]) -> torch.Ten
     )
 
 
-def check_finite(parts: dict[str, torch.Tensor], step: int) -> None:
-    for name, value in parts.items():
-        if not torch.isfinite(value).all():
-            raise NonFiniteLossError(
-                f"loss part '{name}' is {value.item()} at step {step}; training stopped, the last good "
-                "checkpoint is kept and no model is written (lower the learning rate or check the data)"
-            )
-
-
 def save_checkpoint(
-    directory: Path, heads: ToMoEHeads, optimizer: torch.optim.Optimizer, step: int, v_widths: list[list[int]], history: list[dict]
+    directory: Path,
+    heads: ToMoEHeads,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    v_widths: list[list[int]],
+    history: list[dict],
+    config_hash: str | None = None,
 ) -> None:
-    tensors = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
-    for index, state in optimizer.state_dict()["state"].items():
-        tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v).cpu() for k, v in state.items()})
-    staging = directory / f".{CHECKPOINT}.tmp"
-    save_file(tensors, staging, metadata={"step": str(step), "v_widths": json.dumps(v_widths), "history": json.dumps(history)})
-    staging.replace(directory / CHECKPOINT)  # atomic: a kill mid-write leaves the previous checkpoint
+    """The heads, their optimizer state and both logs after `step` steps (`config_hash=None`: a warm start any run takes)."""
+    tensors = {f"heads.{k}": v for k, v in heads.state_dict().items()}
+    metadata = {"v_widths": v_widths, "history": history}
+    training.save_checkpoint(directory, step, tensors, {"heads": optimizer.state_dict()}, metadata, config_hash)
 
 
-def load_checkpoint(directory: Path, heads: ToMoEHeads, optimizer: torch.optim.Optimizer) -> tuple[int, list[list[int]], list[dict]]:
+def load_checkpoint(
+    directory: Path, heads: ToMoEHeads, optimizer: torch.optim.Optimizer, config_hash: str | None = None
+) -> tuple[int, list[list[int]], list[dict]]:
     """(steps done, per-step V widths, per-step loss parts) of the checkpoint; a resumed run continues both logs."""
-    path = directory / CHECKPOINT
-    if not path.exists():
+    checkpoint = training.load_checkpoint(directory, config_hash, log)
+    if checkpoint is None:
         return 0, [], []
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(path)
-    heads.load_state_dict({k.removeprefix("heads."): v for k, v in tensors.items() if k.startswith("heads.")})
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    return int(metadata["step"]), json.loads(metadata["v_widths"]), json.loads(metadata.get("history", "[]"))
+    heads.load_state_dict({k.removeprefix("heads."): v for k, v in checkpoint.tensors.items() if k.startswith("heads.")})
+    restore_optimizer(optimizer, checkpoint.optimizer("heads"))
+    return checkpoint.step, checkpoint.metadata["v_widths"], checkpoint.metadata["history"]
 
 
 def v_topk_from_widths(v_widths: list[list[int]], steps: int) -> list[int]:
@@ -175,7 +135,8 @@ def train_tomoe(
     heads = ToMoEHeads(geometry, config.num_experts, seed=config.seed).to(device)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    start, v_widths, history = load_checkpoint(checkpoint_dir, heads, optimizer)
+    fingerprint = run_fingerprint(config, blocks)
+    start, v_widths, history = load_checkpoint(checkpoint_dir, heads, optimizer, fingerprint)
     masker = ToMoEMasker(model, heads, MaskSettings(config.temperature, config.offset), shard).attach()
     if compile_student is None:
         compile_student = device.type == "cuda"
@@ -202,8 +163,8 @@ def train_tomoe(
             if on_step is not None:
                 on_step(step, logged)
             done = step + 1
-            if shard.rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
-                save_checkpoint(checkpoint_dir, heads, optimizer, done, v_widths, history)
+            if shard.rank == 0 and checkpoint_due(done, config.checkpoint_every, config.steps):
+                save_checkpoint(checkpoint_dir, heads, optimizer, done, v_widths, history, fingerprint)
             if stop_after is not None and done - start >= stop_after:
                 break
     finally:
