@@ -24,8 +24,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from llmcarve.errors import UserInputError
-
 BUDGET_DECIMALS = 4  # a budget step finer than 1e-4 of the weights is below what training can hit
 # A model named @p must measure p active within this: the name is a promise to whoever loads the model.
 NAME_TOLERANCE = 0.02
@@ -162,6 +160,8 @@ class ModelName:
         """Refuse to give this name to a model that measures `active_ratio`, unless it is within `tolerance`
         of the kept fraction the name states (a learned budget such as ToMoE's can stop short of it)."""
         if abs(active_ratio - self.kept) > tolerance:
+            from llmcarve.errors import UserInputError  # here, not at the top: this module stays standard-library only
+
             raise UserInputError(
                 f"{self} measures {active_ratio:.3f} active, more than {tolerance} from the {self.kept} its name states; "
                 f"train longer or with a stronger budget penalty until it reaches the budget"
